@@ -1,0 +1,154 @@
+"""Dinomaly: frozen DINOv2 encoder -> noisy MLP bottleneck -> linear-attention ViT decoder.
+
+The decoder reconstructs two groups of encoder layers; the cosine distance between the encoder's and
+the decoder's group features is the anomaly map.
+"""
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .vision_transformer import Attention, DinoVisionTransformer, Mlp
+
+
+class NoisyBottleneck(nn.Module):
+    """MLP C -> 4C -> C whose dropout (input, hidden and output) is the 'noise' that blocks identity mapping."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.fc1(self.drop(x))))
+        return self.drop(self.fc2(x))
+
+
+class LinearAttention(nn.Module):
+    """Linear attention with phi(x) = elu(x) + 1: no softmax, no scale.
+
+    Its unfocused attention cannot single out the token it should copy, which keeps the decoder
+    from learning an identity map. `eps` is added to the normaliser; the recipe has none (eps=0).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, eps: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.eps = eps
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+        kv = torch.einsum("bhsd,bhse->bhde", k, v)
+        normaliser = torch.einsum("bhsd,bhd->bhs", q, k.sum(dim=-2)) + self.eps
+        x = torch.einsum("bhsd,bhde->bhse", q, kv) / normaliser.unsqueeze(-1)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm ViT block, LayerNorm eps 1e-8, no LayerScale, no drop-path, no dropout."""
+
+    def __init__(self, dim: int, num_heads: int, attention: str = "linear", attn_eps: float = 0.0):
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-8)
+        self.norm1 = norm(dim)
+        if attention == "linear":
+            self.attn = LinearAttention(dim, num_heads, eps=attn_eps)
+        elif attention == "softmax":
+            self.attn = Attention(dim, num_heads)
+        else:
+            raise ValueError(f"attention must be 'linear' or 'softmax', got '{attention}'")
+        self.norm2 = norm(dim)
+        self.mlp = Mlp(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_trainable(module: nn.Module) -> None:
+    """The reference initialisation: Linear ~ truncated normal(std 0.01, +-0.03), bias 0; LayerNorm 1, 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(tensors), dim=1).mean(dim=1)
+
+
+class Dinomaly(nn.Module):
+    """`forward(images)` returns (encoder_maps, decoder_maps): one B x C x h x w tensor per group."""
+
+    def __init__(self, encoder: DinoVisionTransformer, target_layers: Sequence[int],
+                 fuse_layer_encoder: Sequence[Sequence[int]], fuse_layer_decoder: Sequence[Sequence[int]],
+                 decoder_depth: int = 8, dropout: float = 0.2, attention: str = "linear",
+                 attn_eps: float = 0.0):
+        super().__init__()
+        if sorted(target_layers) != list(target_layers) or target_layers[-1] >= len(encoder.blocks):
+            raise ValueError(f"target_layers {list(target_layers)} must be increasing block indices "
+                             f"below the encoder depth {len(encoder.blocks)}")
+        for name, groups, size in (("fuse_layer_encoder", fuse_layer_encoder, len(target_layers)),
+                                   ("fuse_layer_decoder", fuse_layer_decoder, decoder_depth)):
+            if any(not 0 <= i < size for group in groups for i in group):
+                raise ValueError(f"{name} {groups} indexes outside 0..{size - 1}")
+        if len(fuse_layer_encoder) != len(fuse_layer_decoder):
+            raise ValueError("fuse_layer_encoder and fuse_layer_decoder must have the same number of groups")
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.target_layers = list(target_layers)
+        self.fuse_layer_encoder = [list(g) for g in fuse_layer_encoder]
+        self.fuse_layer_decoder = [list(g) for g in fuse_layer_decoder]
+        dim, heads = encoder.embed_dim, encoder.num_heads
+        self.bottleneck = NoisyBottleneck(dim, dropout)
+        self.decoder = nn.ModuleList([DecoderBlock(dim, heads, attention, attn_eps) for _ in range(decoder_depth)])
+        init_trainable(self.bottleneck)
+        init_trainable(self.decoder)
+
+    def train(self, mode: bool = True) -> "Dinomaly":
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.bottleneck.parameters()) + list(self.decoder.parameters())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of the target blocks; blocks past the last target layer never run."""
+        x = self.encoder.prepare_tokens(images)
+        features = []
+        for i, block in enumerate(self.encoder.blocks[: self.target_layers[-1] + 1]):
+            x = block(x)
+            if i in self.target_layers:
+                features.append(x)
+        return features
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        en_layers = self.encode(images)
+        x = self.bottleneck(_mean(en_layers))
+        de_layers = []
+        for block in self.decoder:
+            x = block(x)
+            de_layers.append(x)
+        de_layers = de_layers[::-1]
+        en = [_mean([en_layers[i] for i in group]) for group in self.fuse_layer_encoder]
+        de = [_mean([de_layers[i] for i in group]) for group in self.fuse_layer_decoder]
+        h, w = images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size
+        strip = self.encoder.num_prefix_tokens
+        to_map = lambda t: t[:, strip:].transpose(1, 2).reshape(t.shape[0], -1, h, w).contiguous()
+        return [to_map(t) for t in en], [to_map(t) for t in de]

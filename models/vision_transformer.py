@@ -1,0 +1,147 @@
+"""DINOv2 Vision Transformer, written to load Meta's checkpoints key for key.
+
+Module names mirror facebookresearch/dinov2 (`patch_embed.proj`, `blocks.{i}.attn.qkv`, `ls1.gamma`,
+...) so that `load_state_dict(strict=True)` on an official file is the whole loading story.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Softmax multi-head self-attention through PyTorch's fused kernel."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """The feed-forward of DINOv2 ViT-g: hidden width 2/3 of 4x, rounded up to a multiple of 8."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        hidden_dim = (int(hidden_dim * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(dim, 2 * hidden_dim)
+        self.w3 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm block with LayerScale, LayerNorm eps 1e-6, as in DINOv2."""
+
+    def __init__(self, dim: int, num_heads: int, ffn: str = "mlp", init_values: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, init_values)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = (SwiGLUFFN if ffn == "swiglu" else Mlp)(dim, 4 * dim)
+        self.ls2 = LayerScale(dim, init_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DinoVisionTransformer(nn.Module):
+    """DINOv2 backbone built at img_size 518 (a 37x37 positional grid, resized at every forward)."""
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, num_register_tokens: int = 0,
+                 ffn: str = "mlp", patch_size: int = 14, img_size: int = 518,
+                 interpolate_offset: float = 0.1):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_offset = interpolate_offset
+        num_patches = (img_size // patch_size) ** 2
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+                                if num_register_tokens else None)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, ffn) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.num_register_tokens
+
+    def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
+        """DINOv2's resize: bicubic, no antialias, scale factor (grid + 0.1) / 37 to dodge rounding."""
+        pos_embed = self.pos_embed
+        n = pos_embed.shape[1] - 1
+        if num_patches == n and h == w:
+            return pos_embed
+        pos_embed = pos_embed.float()
+        side = int(math.sqrt(n))
+        h0 = h // self.patch_size + self.interpolate_offset
+        w0 = w // self.patch_size + self.interpolate_offset
+        patch_pos = F.interpolate(
+            pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2),
+            scale_factor=(h0 / side, w0 / side), mode="bicubic", antialias=False)
+        if patch_pos.shape[-2:] != (int(h0), int(w0)):
+            raise RuntimeError(f"positional grid resized to {tuple(patch_pos.shape[-2:])}, "
+                               f"expected {(int(h0), int(w0))}")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)
+        return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(self.pos_embed.dtype)
+
+    def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens in the order [CLS, registers, patches]; registers get no positional embedding."""
+        B, _, h, w = images.shape
+        x = self.patch_embed(images)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w).to(x.dtype)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
+        return x
