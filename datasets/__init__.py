@@ -1,0 +1,40 @@
+"""Datasets chosen by the config's `dataset` key; all but Real-IAD use the MVTec AD folder layout."""
+from pathlib import Path
+
+from .mvtec import DatasetLayoutError, TestSample, TestSet, TrainSet, list_images, load_image, list_test_samples
+
+CLASSES = {
+    "mvtec": ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
+              "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper"],
+    "visa": ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
+             "pcb3", "pcb4", "pipe_fryum"],
+    "mpdd": ["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"],
+}
+
+
+def dataset_classes(cfg: dict) -> list[str]:
+    """The classes to use: `classes` from the config, else the dataset's own list (or, for a user's
+    `folder` dataset, every sub-folder of data_path)."""
+    root = Path(cfg["data_path"])
+    if not root.is_dir():
+        raise DatasetLayoutError(f"data_path does not exist or is not a folder: {root}")
+    if cfg["classes"]:
+        return list(cfg["classes"])
+    if cfg["dataset"] in CLASSES:
+        return CLASSES[cfg["dataset"]]
+    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    if not found:
+        raise DatasetLayoutError(f"no class folders with a train/ folder under {root}")
+    return found
+
+
+def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
+    return TrainSet(cfg["data_path"], class_names, cfg["image_size"], cfg["crop_size"])
+
+
+def build_test_set(cfg: dict, class_name: str) -> TestSet:
+    return TestSet(list_test_samples(Path(cfg["data_path"]), class_name), cfg["image_size"], cfg["crop_size"])
+
+
+__all__ = ["CLASSES", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
+           "build_train_set", "dataset_classes", "list_images", "load_image"]

@@ -1,0 +1,142 @@
+"""Datasets in the MVTec AD layout (MVTec AD, MPDD, prepared VisA, a user's own classes).
+
+    <root>/<class>/train/good/*.png
+    <root>/<class>/test/good/*.png
+    <root>/<class>/test/<defect>/*.png
+    <root>/<class>/ground_truth/<defect>/<name>_mask.png   (or <name>.png)
+
+The layout is checked when a dataset is built: a missing folder, an empty class, a defect image
+without a mask or a mask without an image is an error naming the path, before any training.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .transforms import image_transform, mask_transform
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+EXPECTED_TREE = """expected layout:
+  <data_path>/<class>/train/good/*.png
+  <data_path>/<class>/test/good/*.png
+  <data_path>/<class>/test/<defect>/*.png
+  <data_path>/<class>/ground_truth/<defect>/<image name>_mask.png"""
+
+
+class DatasetLayoutError(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class TestSample:
+    image: Path
+    mask: Optional[Path]
+    label: int          # 0 normal, 1 anomalous
+    defect: str         # "good" for normal images
+    class_name: str
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith("."))
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DatasetLayoutError(f"missing {what}: {path}\n{EXPECTED_TREE}")
+    return path
+
+
+def load_image(path: Path, mode: str = "RGB") -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except Exception as error:
+        raise RuntimeError(f"cannot decode image {path}: {error}") from None
+
+
+def train_images(root: Path, class_name: str) -> list[Path]:
+    folder = _require_dir(Path(root) / class_name / "train" / "good", f"training folder of class '{class_name}'")
+    images = list_images(folder)
+    if not images:
+        raise DatasetLayoutError(f"no training images in {folder}")
+    return images
+
+
+def _pair_masks(images: list[Path], mask_dir: Path) -> list[Path]:
+    masks = {p.stem: p for p in list_images(mask_dir)}
+    paired, used = [], set()
+    for image in images:
+        stem = next((s for s in (f"{image.stem}_mask", image.stem) if s in masks), None)
+        if stem is None:
+            raise DatasetLayoutError(f"defect image {image} has no mask: expected {mask_dir / (image.stem + '_mask.png')}")
+        paired.append(masks[stem])
+        used.add(stem)
+    orphans = sorted(set(masks) - used)
+    if orphans:
+        raise DatasetLayoutError(f"mask {masks[orphans[0]]} has no image in {images[0].parent}"
+                                 + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))
+    return paired
+
+
+def list_test_samples(root: Path, class_name: str) -> list[TestSample]:
+    class_dir = _require_dir(Path(root) / class_name, f"class folder '{class_name}'")
+    test_dir = _require_dir(class_dir / "test", f"test folder of class '{class_name}'")
+    _require_dir(test_dir / "good", f"normal test images of class '{class_name}'")
+    samples = []
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        images = list_images(defect_dir)
+        if defect_dir.name == "good":
+            samples += [TestSample(p, None, 0, "good", class_name) for p in images]
+            continue
+        mask_dir = _require_dir(class_dir / "ground_truth" / defect_dir.name, f"masks of defect '{defect_dir.name}'")
+        samples += [TestSample(p, m, 1, defect_dir.name, class_name) for p, m in zip(images, _pair_masks(images, mask_dir))]
+    if not any(s.label == 0 for s in samples) or not any(s.label == 1 for s in samples):
+        raise DatasetLayoutError(f"{test_dir} needs both normal (test/good) and defect images for evaluation")
+    return samples
+
+
+class TrainSet(Dataset):
+    """Normal training images of several classes, concatenated; items are (image, class index)."""
+
+    def __init__(self, root: str, class_names: list[str], image_size: int, crop_size: int):
+        self.class_names = list(class_names)
+        self.samples = [(path, i) for i, name in enumerate(self.class_names) for path in train_images(Path(root), name)]
+        self.transform = image_transform(image_size, crop_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, class_index = self.samples[index]
+        return self.transform(load_image(path)), class_index
+
+
+class TestSet(Dataset):
+    """Test images of one class; items are (image, mask 1 x H x W in [0, 1], label, index)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, samples: list[TestSample], image_size: int, crop_size: int):
+        self.samples = samples
+        self.crop_size = crop_size
+        self.transform = image_transform(image_size, crop_size)
+        self.mask_transform = mask_transform(image_size, crop_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        sample = self.samples[index]
+        image = load_image(sample.image)
+        if sample.mask is None:
+            mask = torch.zeros(1, self.crop_size, self.crop_size)
+        else:
+            mask_image = load_image(sample.mask, "L")
+            if mask_image.size != image.size:
+                raise RuntimeError(f"mask {sample.mask} is {mask_image.size[0]}x{mask_image.size[1]} but its image "
+                                   f"{sample.image} is {image.size[0]}x{image.size[1]}")
+            mask = self.mask_transform(mask_image)
+        return self.transform(image), mask, sample.label, index

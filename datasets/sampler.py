@@ -1,0 +1,59 @@
+"""Training batches indexed by global step: the batch of step s depends only on (seed, s).
+
+That makes resuming exact (start again at step s) and lets several processes agree on the global
+batch without communicating.
+"""
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields the batches of steps start_step..total_steps-1.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch) with the last incomplete batch dropped,
+    i.e. uniform sampling over the concatenated images, as the reference's shuffled DataLoader. With
+    `class_ids`, an epoch instead draws the same number of images with every class equally likely.
+    `rank`/`world_size` keep this process's contiguous share of each global batch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, total_steps: int, seed: int, start_step: int = 0,
+                 class_ids: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1):
+        if num_samples < batch_size:
+            raise ValueError(f"only {num_samples} training images for a batch of {batch_size}; "
+                             f"lower --batch_size or add images")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.steps_per_epoch = num_samples // batch_size
+        self.total_steps = total_steps
+        self.seed = seed
+        self.start_step = start_step
+        self.weights = None
+        if class_ids is not None:
+            ids = torch.as_tensor(class_ids)
+            self.weights = 1.0 / torch.bincount(ids).double()[ids]
+        share = batch_size // world_size
+        self.slice = slice(rank * share, (rank + 1) * share)
+
+    def epoch_batches(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        count = self.steps_per_epoch * self.batch_size
+        if self.weights is None:
+            order = torch.randperm(self.num_samples, generator=generator)[:count]
+        else:
+            order = torch.multinomial(self.weights, count, replacement=True, generator=generator)
+        return order.view(self.steps_per_epoch, self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, batches = None, None
+        for step in range(self.start_step, self.total_steps):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                batches = self.epoch_batches(epoch)
+            yield batches[step % self.steps_per_epoch, self.slice].tolist()
+
+    def __len__(self) -> int:
+        return self.total_steps - self.start_step

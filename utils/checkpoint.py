@@ -1,0 +1,58 @@
+"""Checkpoints: written atomically, read with weights_only=True, checked against the architecture."""
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import Dinomaly, build_from_config, load_state_dict_strict
+from .config import validate
+
+FORMAT = "dinomaly-checkpoint-v1"
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file, fsync, then rename over `path`: a crash mid-write never leaves a
+    truncated file under the real name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise RuntimeError(f"could not read checkpoint {path}: {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise RuntimeError(f"{path} is not a Dinomaly checkpoint of this repository (format {FORMAT})")
+    validate(checkpoint["config"], f"config saved in {path}")
+    checkpoint["path"] = str(path)
+    return checkpoint
+
+
+def load_trainable(model: Dinomaly, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load bottleneck and decoder weights saved by `Dinomaly.trainable_state_dict`."""
+    for part in ("bottleneck", "decoder"):
+        prefix = f"{part}."
+        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        load_state_dict_strict(getattr(model, part), sub, f"{source} ({part})")
+    stray = [k for k in state_dict if not k.startswith(("bottleneck.", "decoder."))]
+    if stray:
+        raise RuntimeError(f"{source} has unexpected keys: {', '.join(stray[:8])}")
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], config: dict[str, Any] = None) -> Dinomaly:
+    """Rebuild the model from the checkpoint's config (or `config`) and load its trained weights."""
+    model = build_from_config(config or checkpoint["config"])
+    load_trainable(model, checkpoint["model"], f"checkpoint {checkpoint['path']}")
+    return model

@@ -1,0 +1,162 @@
+"""Configuration: a YAML file holds the recipe; every key can be overridden as `--key value`.
+
+The schema below names every key and its type. A config is validated before any work starts:
+an unknown key (with the closest valid name), a missing key, a wrong type or an out-of-range value
+is a one-line error.
+"""
+import argparse
+import difflib
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin
+
+import yaml
+
+SCHEMA: dict[str, Any] = {
+    # data
+    "dataset": str, "data_path": str, "classes": Optional[list[str]], "realiad_split": str,
+    "image_size": int, "crop_size": int, "batch_size": int, "num_workers": int, "sampler": str,
+    # model
+    "encoder": str, "encoder_weights": Optional[str], "weights_dir": Optional[str],
+    "target_layers": list[int], "fuse_layer_encoder": list[list[int]], "fuse_layer_decoder": list[list[int]],
+    "decoder_depth": int, "dropout": float, "attention": str, "attn_eps": float,
+    # optimisation
+    "total_iters": int, "warmup_iters": int, "lr": float, "final_lr": float, "weight_decay": float,
+    "betas": list[float], "eps": float, "grad_clip": float, "hm_factor": float, "hm_p_final": float,
+    "hm_ramp_iters": int, "seed": int,
+    # evaluation
+    "eval_every": int, "max_ratio": float, "map_size": int, "map_sigma": float, "gt_threshold": float,
+    "aupro_thresholds": int, "aupro_fpr_limit": float,
+    # run
+    "device": str, "output_dir": str, "run_name": Optional[str],
+}
+
+CHOICES = {
+    "dataset": ("mvtec", "visa", "mpdd", "realiad", "folder"),
+    "attention": ("linear", "softmax"),
+    "sampler": ("uniform", "class_balanced"),
+    "realiad_split": ("mv", "sv"),
+}
+POSITIVE = ("image_size", "crop_size", "batch_size", "decoder_depth", "total_iters", "lr",
+            "aupro_thresholds", "map_size", "grad_clip")
+NON_NEGATIVE = ("num_workers", "warmup_iters", "final_lr", "weight_decay", "eps", "hm_factor", "hm_ramp_iters",
+                "eval_every", "attn_eps", "max_ratio", "map_sigma")
+UNIT_INTERVAL = ("dropout", "hm_p_final", "gt_threshold", "aupro_fpr_limit")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin is Union:
+        return any(_matches(value, arg) for arg in get_args(tp))
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, get_args(tp)[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _parse_cli_value(text: str, tp: Any) -> Any:
+    """Command-line text -> value: YAML syntax, plus '1e-4' as a float and 'a,b,c' as a list."""
+    base = [a for a in get_args(tp) if a is not type(None)][0] if get_origin(tp) is Union else tp
+    if base is str:
+        return None if text.lower() in ("null", "none") and base is not tp else text
+    if base is float:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    value = yaml.safe_load(text)
+    if get_origin(base) is list and not isinstance(value, list):
+        value = [yaml.safe_load(part) for part in str(text).split(",")] if text else []
+    return value
+
+
+def _check(cfg: dict[str, Any], source: str) -> None:
+    for key, value in cfg.items():
+        if key not in SCHEMA:
+            close = difflib.get_close_matches(key, SCHEMA, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+        if not _matches(value, SCHEMA[key]):
+            raise ConfigError(f"{source}: '{key}' must be {_type_name(SCHEMA[key])}, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(CHOICES[key])}, got '{value}'")
+        if key in POSITIVE and value <= 0:
+            raise ConfigError(f"{source}: '{key}' must be > 0, got {value}")
+        if key in NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{source}: '{key}' must be >= 0, got {value}")
+        if key in UNIT_INTERVAL and not 0 <= value < 1:
+            raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {value}")
+
+
+def validate(cfg: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    _check(cfg, source)
+    missing = [key for key in SCHEMA if key not in cfg]
+    if missing:
+        raise ConfigError(f"{source}: missing config keys: {', '.join(missing)}")
+    if cfg["crop_size"] > cfg["image_size"]:
+        raise ConfigError(f"{source}: crop_size {cfg['crop_size']} is larger than image_size {cfg['image_size']}")
+    if cfg["crop_size"] % 14:
+        raise ConfigError(f"{source}: crop_size must be a multiple of the patch size 14, got {cfg['crop_size']}")
+    if cfg["warmup_iters"] >= cfg["total_iters"]:
+        raise ConfigError(f"{source}: warmup_iters ({cfg['warmup_iters']}) must be below total_iters "
+                          f"({cfg['total_iters']})")
+    if len(cfg["betas"]) != 2 or not all(0 <= b < 1 for b in cfg["betas"]):
+        raise ConfigError(f"{source}: betas must be two values in [0, 1), got {cfg['betas']}")
+    return cfg
+
+
+def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(cfg).__name__}")
+    return cfg
+
+
+def parse_args(argv: list[str], default_config: str, description: str,
+               extra: Optional[list[tuple[str, dict]]] = None) -> tuple[dict[str, Any], argparse.Namespace]:
+    """Read `--config FILE` (default `default_config`), then apply every `--key value` override.
+
+    `extra` adds script options that are not part of the recipe (such as --overwrite); they come back
+    in the namespace.
+    """
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", default=default_config, help="YAML file with the recipe")
+    for flag, kwargs in extra or []:
+        parser.add_argument(flag, **kwargs)
+    for key, tp in SCHEMA.items():
+        parser.add_argument(f"--{key}", type=str, default=None, metavar=_type_name(tp).upper())
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0]
+        close = difflib.get_close_matches(flag.lstrip("-"), SCHEMA, n=1)
+        hint = f"; did you mean '--{close[0]}'?" if close else ""
+        parser.error(f"unknown option '{flag}'{hint}")
+    cfg = load_yaml(args.config)
+    _check(cfg, str(args.config))
+    for key, tp in SCHEMA.items():
+        text = getattr(args, key)
+        if text is not None:
+            cfg[key] = _parse_cli_value(text, tp)
+    return validate(cfg, f"{args.config} + command line"), args
+
+
+def dump(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=120)

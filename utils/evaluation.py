@@ -1,0 +1,136 @@
+"""Evaluation shared by training, evaluate.py and predict.py.
+
+Classes are evaluated one at a time, so memory is bounded by the largest class, not the dataset.
+"""
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from datasets import TestSet
+from .anomaly_map import anomaly_maps, image_scores
+from .metrics import METRIC_NAMES, class_metrics, mean_anomaly_detection, ranking_metrics
+
+TABLE_COLUMNS = METRIC_NAMES + ("mAD",)
+
+
+@dataclass
+class ClassOutputs:
+    maps: torch.Tensor      # N x S x S float32 anomaly maps
+    scores: torch.Tensor    # N image scores
+    labels: torch.Tensor    # N, 1 = anomalous
+    masks: torch.Tensor     # N x S x S bool ground truth
+    seconds: float          # time spent in the model and map computation
+
+
+@torch.no_grad()
+def predict_maps(model: torch.nn.Module, images: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anomaly maps (B x S x S) and image scores (B) of a batch already on the model's device."""
+    en, de = model(images)
+    maps = anomaly_maps(en, de, images.shape[-1], cfg["map_size"], cfg["map_sigma"])
+    return maps[:, 0], image_scores(maps, cfg["max_ratio"])
+
+
+def binarise_masks(masks: torch.Tensor, size: int, threshold: float) -> torch.Tensor:
+    """Nearest-resize B x 1 x H x W masks to size x size and binarise with gt > threshold."""
+    return F.interpolate(masks, size=size, mode="nearest")[:, 0] > threshold
+
+
+@torch.no_grad()
+def infer_class(model: torch.nn.Module, dataset: TestSet, cfg: dict, device: torch.device,
+                batch_size: Optional[int] = None) -> ClassOutputs:
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size or cfg["batch_size"], shuffle=False,
+                        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
+    maps, scores, labels, masks, seconds = [], [], [], [], 0.0
+    for images, gt, label, _ in loader:
+        start = time.perf_counter()
+        batch_maps, batch_scores = predict_maps(model, images.to(device, non_blocking=True), cfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+        maps.append(batch_maps)
+        scores.append(batch_scores)
+        labels.append(label)
+        masks.append(binarise_masks(gt, cfg["map_size"], cfg["gt_threshold"]).to(device))
+    return ClassOutputs(torch.cat(maps), torch.cat(scores), torch.cat(labels).to(device), torch.cat(masks), seconds)
+
+
+def metrics_row(outputs: ClassOutputs, cfg: dict) -> dict[str, float]:
+    row = class_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks,
+                        cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])
+    row["mAD"] = mean_anomaly_detection(row)
+    return row
+
+
+def defect_rows(outputs: ClassOutputs, dataset: TestSet) -> list[dict]:
+    """Image and pixel AUROC of each defect type against the normal images of its class."""
+    defects = np.array([s.defect for s in dataset.samples])
+    good = torch.from_numpy(defects == "good").to(outputs.labels.device)
+    rows = []
+    for defect in sorted(set(defects) - {"good"}):
+        keep = good | torch.from_numpy(defects == defect).to(good.device)
+        rows.append({
+            "class": dataset.samples[0].class_name, "defect": defect, "images": int(keep.sum() - good.sum()),
+            "I-AUROC": ranking_metrics(outputs.scores[keep], outputs.labels[keep])["auroc"],
+            "P-AUROC": ranking_metrics(outputs.maps[keep], outputs.masks[keep])["auroc"],
+        })
+    return rows
+
+
+@dataclass
+class EvaluationResult:
+    rows: dict[str, dict[str, float]]     # class -> metrics (fractions) + image_threshold
+    defects: list[dict]
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+
+def evaluate(model: torch.nn.Module, test_sets: dict[str, TestSet], cfg: dict, device: torch.device,
+             log: Callable[[str], None] = print) -> EvaluationResult:
+    """Evaluate class by class; only one class's maps are held at a time."""
+    rows, defects, images, seconds = {}, [], 0, 0.0
+    for name, dataset in test_sets.items():
+        outputs = infer_class(model, dataset, cfg, device)
+        rows[name] = metrics_row(outputs, cfg)
+        defects += defect_rows(outputs, dataset)
+        images += len(dataset)
+        seconds += outputs.seconds
+        log(f"  {name:<14}" + " ".join(f"{k} {100 * rows[name][k]:6.2f}" for k in TABLE_COLUMNS))
+        del outputs
+    return EvaluationResult(rows, defects, images, seconds)
+
+
+def mean_row(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([row[k] for row in rows.values()])) for k in TABLE_COLUMNS}
+
+
+def format_markdown(rows: dict[str, dict[str, float]]) -> str:
+    lines = ["| class | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * row[k]:.2f}" for k in TABLE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(run_dir: Path, result: EvaluationResult, stem: str = "results") -> None:
+    """Per-class table (classes + mean, in percent) as CSV and Markdown, and the per-defect breakdown."""
+    run_dir = Path(run_dir)
+    rows = result.rows
+    csv = ["class," + ",".join(TABLE_COLUMNS)]
+    for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
+        csv.append(name + "," + ",".join(f"{100 * row[k]:.4f}" for k in TABLE_COLUMNS))
+    (run_dir / f"{stem}.csv").write_text("\n".join(csv) + "\n")
+    (run_dir / f"{stem}.md").write_text(format_markdown(rows))
+    defect_csv = ["class,defect,images,I-AUROC,P-AUROC"] + [
+        f"{d['class']},{d['defect']},{d['images']},{100 * d['I-AUROC']:.4f},{100 * d['P-AUROC']:.4f}"
+        for d in result.defects]
+    (run_dir / f"{stem}_per_defect.csv").write_text("\n".join(defect_csv) + "\n")

@@ -1,0 +1,65 @@
+"""StableAdamW and the warmup-cosine learning-rate schedule of the recipe."""
+import math
+from typing import Iterable
+
+import numpy as np
+import torch
+
+
+class StableAdamW(torch.optim.Optimizer):
+    """AdamW with AMSGrad and per-tensor update clipping (Wortsman et al., 2023).
+
+    The step of each tensor is divided by max(1, RMS(g / denom) / clip_threshold), which tames the
+    rare large updates that follow a sudden gradient after a long calm.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = True,
+                 clip_threshold: float = 1.0):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        clip_threshold=clip_threshold)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                second_moment = state["exp_avg_sq"]
+                if group["amsgrad"]:
+                    torch.maximum(state["max_exp_avg_sq"], second_moment, out=state["max_exp_avg_sq"])
+                    second_moment = state["max_exp_avg_sq"]
+                denom = second_moment.sqrt() / math.sqrt(1 - beta2 ** t) + group["eps"]
+                rms = (grad / denom).norm() / math.sqrt(grad.numel())
+                scale = max(1.0, rms.item() / group["clip_threshold"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t) / scale)
+        return loss
+
+
+def warmup_cosine_schedule(base_lr: float, final_lr: float, total_iters: int, warmup_iters: int) -> np.ndarray:
+    """lr for every iteration: linspace(0, base) over the warmup (first step at 0), then a cosine from
+    base towards final over the remaining iterations. Past the end the lr is `final_lr`."""
+    warmup = np.linspace(0.0, base_lr, warmup_iters)
+    iters = np.arange(total_iters - warmup_iters)
+    cosine = final_lr + 0.5 * (base_lr - final_lr) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, cosine))
+
+
+def lr_at(schedule: np.ndarray, it: int, final_lr: float) -> float:
+    return float(schedule[it]) if it < len(schedule) else final_lr

@@ -1,0 +1,59 @@
+"""Run plumbing: device choice, seeding, the run directory and its log."""
+import datetime
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda when available, else cpu; anything else must be a device torch knows."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def create_run_dir(output_dir: str, run_name: str, overwrite: bool = False) -> Path:
+    """A fresh run directory; an existing one is only reused with `overwrite` (its content is removed)."""
+    run_dir = Path(output_dir) / run_name
+    if run_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"run directory {run_dir} already exists; choose another --run_name, "
+                                  f"continue it with --resume {run_dir}, or pass --overwrite to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def default_run_name(config_path: str) -> str:
+    return f"{Path(config_path).stem}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+
+
+class RunLog:
+    """Prints a line and appends it to <run_dir>/log.txt."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "log.txt"
+
+    def __call__(self, message: str) -> None:
+        print(message, flush=True)
+        with open(self.path, "a") as f:
+            f.write(message + "\n")
+            f.flush()
+            os.fsync(f.fileno())
