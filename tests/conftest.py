@@ -1,0 +1,58 @@
+"""Shared fixtures: checkpoints hand-built in Meta's layout and a synthetic MVTec-layout dataset."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prepare_data.make_synthetic import make_dataset  # noqa: E402
+
+
+def meta_state_dict(dim: int, depth: int, registers: int, generator: torch.Generator,
+                    layer_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A DINOv2 checkpoint written key by key from RECIPE.md section 1, independent of our model code."""
+    rand = lambda *shape, std=0.02: torch.randn(*shape, generator=generator) * std
+    sd = {"cls_token": rand(1, 1, dim), "pos_embed": rand(1, 37 * 37 + 1, dim), "mask_token": rand(1, dim),
+          "patch_embed.proj.weight": rand(dim, 3, 14, 14, std=0.05), "patch_embed.proj.bias": rand(dim)}
+    if registers:
+        sd["register_tokens"] = rand(1, registers, dim)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": 1 + rand(dim), b + "norm1.bias": rand(dim),
+                   b + "attn.qkv.weight": rand(3 * dim, dim, std=dim ** -0.5), b + "attn.qkv.bias": rand(3 * dim),
+                   b + "attn.proj.weight": rand(dim, dim, std=dim ** -0.5), b + "attn.proj.bias": rand(dim),
+                   b + "ls1.gamma": torch.full((dim,), layer_scale), b + "norm2.weight": 1 + rand(dim),
+                   b + "norm2.bias": rand(dim), b + "mlp.fc1.weight": rand(4 * dim, dim, std=dim ** -0.5),
+                   b + "mlp.fc1.bias": rand(4 * dim), b + "mlp.fc2.weight": rand(dim, 4 * dim, std=(4 * dim) ** -0.5),
+                   b + "mlp.fc2.bias": rand(dim), b + "ls2.gamma": torch.full((dim,), layer_scale)})
+    sd.update({"norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim)})
+    return sd
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """Weights for `dinov2_vit_tiny_14` (64 wide, 10 blocks, no registers) in Meta's layout."""
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.save(meta_state_dict(64, 10, 0, torch.Generator().manual_seed(0), layer_scale=0.3), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """Two texture classes with scratches, blobs and holes, 128 px."""
+    root = tmp_path_factory.mktemp("synthetic")
+    make_dataset(str(root), num_classes=2, num_train=32, num_test_good=8, num_test_defect=4, size=128, seed=0)
+    return root
+
+
+def tiny_run_args(data: Path, weights: Path, out: Path, **overrides) -> list[str]:
+    """Command-line overrides for a CPU run of a few seconds on the synthetic data."""
+    args = {"dataset": "folder", "data_path": data, "encoder": "dinov2_vit_tiny_14", "encoder_weights": weights,
+            "image_size": 128, "crop_size": 112, "batch_size": 8, "total_iters": 200, "warmup_iters": 10,
+            "hm_ramp_iters": 50, "device": "cpu", "num_workers": 0, "output_dir": out, "eval_every": 0,
+            "run_name": "run"}
+    args.update(overrides)
+    return [item for key, value in args.items() for item in (f"--{key}", str(value))]

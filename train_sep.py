@@ -1,0 +1,43 @@
+"""Dinomaly, class-separated setting: one model per class, trained in sequence with the same recipe.
+
+    python train_sep.py --data_path ../mvtec_anomaly_detection
+    python train_sep.py --config configs/visa_sep.yaml --data_path ../VisA_pytorch/1cls
+
+The training loop is train_uni.train; only the outer loop over classes differs. A run writes, under
+<output_dir>/<run_name>/: config.yaml, log.txt, <class>/checkpoint.pth for every class, and
+results.csv / results.md with one row per class and the mean, plus results_per_defect.csv.
+"""
+import sys
+
+from datasets import dataset_classes
+from train_uni import USER_ERRORS, load_data, log_counts, open_run, parse_run_args, train
+from utils.evaluation import EvaluationResult, format_markdown, write_tables
+from utils.run import resolve_device
+
+
+def main(argv: list[str]) -> None:
+    cfg, args = parse_run_args(argv, "mvtec_sep.yaml", __doc__)
+    device = resolve_device(cfg["device"])
+    data = {name: load_data(cfg, [name]) for name in dataset_classes(cfg)}
+    run_dir, log = open_run(cfg, args, device)
+    combined = EvaluationResult(rows={}, defects=[], images=0, seconds=0.0)
+    for i, (name, (train_set, test_sets)) in enumerate(data.items()):
+        log(f"=== class {i + 1}/{len(data)}: {name}")
+        log_counts(log, train_set, test_sets)
+        class_dir = run_dir / name
+        class_dir.mkdir()
+        result = train(cfg, train_set, test_sets, class_dir, log, device)
+        combined.rows.update(result.rows)
+        combined.defects += result.defects
+        combined.images += result.images
+        combined.seconds += result.seconds
+        write_tables(run_dir, combined)
+    log("\n" + format_markdown(combined.rows))
+    log(f"results written to {run_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
