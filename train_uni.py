@@ -97,7 +97,6 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
     save_checkpoint(run_dir / "checkpoint.pth", {
         "config": cfg, "model": model.trainable_state_dict(), "step": cfg["total_iters"],
         "classes": list(test_sets), "results": result.rows,
-        "image_thresholds": {name: row["image_threshold"] for name, row in result.rows.items()},
     })
     return result
 

@@ -1,7 +1,8 @@
 """Datasets chosen by the config's `dataset` key; all but Real-IAD use the MVTec AD folder layout."""
 from pathlib import Path
 
-from .mvtec import DatasetLayoutError, TestSample, TestSet, TrainSet, list_images, load_image, list_test_samples
+from .mvtec import (IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, list_images,
+                    list_test_samples, load_image)
 
 CLASSES = {
     "mvtec": ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
@@ -36,5 +37,5 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
     return TestSet(list_test_samples(Path(cfg["data_path"]), class_name), cfg["image_size"], cfg["crop_size"])
 
 
-__all__ = ["CLASSES", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
+__all__ = ["CLASSES", "IMG_EXTENSIONS", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
            "build_train_set", "dataset_classes", "list_images", "load_image"]

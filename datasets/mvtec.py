@@ -32,6 +32,7 @@ class DatasetLayoutError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class TestSample:
+    __test__ = False  # not a pytest test class, despite the name
     image: Path
     mask: Optional[Path]
     label: int          # 0 normal, 1 anomalous

@@ -149,7 +149,8 @@ def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise RuntimeError(f"could not read encoder weights {path}: {error}") from None
+        reason = str(error).strip().splitlines()[0]
+        raise RuntimeError(f"could not read encoder weights {path} (not a checkpoint, or corrupt): {reason}") from None
     if not isinstance(state_dict, dict):
         raise RuntimeError(f"{path} holds a {type(state_dict).__name__}, expected a state dict in Meta's layout")
     load_state_dict_strict(encoder, state_dict, f"encoder weights {path} (for '{name}')")

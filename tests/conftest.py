@@ -1,4 +1,5 @@
 """Shared fixtures: checkpoints hand-built in Meta's layout and a synthetic MVTec-layout dataset."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +57,20 @@ def tiny_run_args(data: Path, weights: Path, out: Path, **overrides) -> list[str
             "run_name": "run"}
     args.update(overrides)
     return [item for key, value in args.items() for item in (f"--{key}", str(value))]
+
+
+def run_script(script: str, args: list, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would."""
+    result = subprocess.run([sys.executable, str(ROOT / script)] + [str(a) for a in args],
+                            capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data, tiny_weights, tmp_path_factory) -> Path:
+    """A unified run of 200 steps on the synthetic data (evaluated at steps 100 and 200)."""
+    out = tmp_path_factory.mktemp("runs")
+    run_script("train_uni.py", tiny_run_args(synthetic_data, tiny_weights, out, eval_every=100))
+    return out / "run"

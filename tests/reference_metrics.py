@@ -13,13 +13,12 @@ def direct_aupro(maps: np.ndarray, masks: np.ndarray, num_thresholds: int = 200,
     masks = np.asarray(masks, dtype=bool)
     lo, hi = float(maps.min()), float(maps.max())
     step = (hi - lo) / num_thresholds
-    regions = [measure.regionprops(measure.label(mask, connectivity=2)) for mask in masks]
     normal = ~masks
     fprs, pros = [], []
     for k in range(num_thresholds):
         binary = maps > lo + k * step
         overlaps = [binary[i][r.coords[:, 0], r.coords[:, 1]].sum() / r.area
-                    for i in range(len(maps)) for r in regions[i]]
+                    for i in range(len(maps)) for r in measure.regionprops(measure.label(masks[i], connectivity=2))]
         fprs.append(np.logical_and(normal, binary).sum() / normal.sum())
         pros.append(np.mean(overlaps))
     fprs, pros = np.array(fprs), np.array(pros)

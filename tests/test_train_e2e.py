@@ -1,17 +1,9 @@
 """train_uni.py and train_sep.py run as a user would run them, on synthetic defects, on CPU."""
 import csv
-import subprocess
-import sys
 
 import torch
 
-from conftest import ROOT, tiny_run_args
-
-
-def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(ROOT / script)] + args, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+from conftest import run_script, tiny_run_args
 
 
 def read_table(path) -> dict[str, dict[str, float]]:
@@ -19,9 +11,8 @@ def read_table(path) -> dict[str, dict[str, float]]:
         return {row["class"]: {k: float(v) for k, v in row.items() if k != "class"} for row in csv.DictReader(f)}
 
 
-def test_train_uni_detects_synthetic_defects(synthetic_data, tiny_weights, tmp_path):
-    run_script("train_uni.py", tiny_run_args(synthetic_data, tiny_weights, tmp_path, eval_every=100))
-    run_dir = tmp_path / "run"
+def test_train_uni_detects_synthetic_defects(trained_run):
+    run_dir = trained_run
     for name in ("config.yaml", "log.txt", "results.csv", "results.md", "results_per_defect.csv", "checkpoint.pth"):
         assert (run_dir / name).is_file(), name
     table = read_table(run_dir / "results.csv")
@@ -49,14 +40,13 @@ def test_train_sep_trains_one_model_per_class(synthetic_data, tiny_weights, tmp_
 def test_existing_run_directory_is_not_overwritten(synthetic_data, tiny_weights, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("precious")
-    args = tiny_run_args(synthetic_data, tiny_weights, tmp_path, total_iters=5, warmup_iters=1)
-    result = subprocess.run([sys.executable, str(ROOT / "train_uni.py")] + args, capture_output=True, text=True)
+    result = run_script("train_uni.py", tiny_run_args(synthetic_data, tiny_weights, tmp_path, total_iters=5,
+                                                      warmup_iters=1), check=False)
     assert result.returncode != 0 and "already exists" in result.stderr
     assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
 
 
 def test_bad_data_path_fails_before_creating_a_run(tiny_weights, tmp_path):
-    args = tiny_run_args(tmp_path / "missing", tiny_weights, tmp_path / "out")
-    result = subprocess.run([sys.executable, str(ROOT / "train_uni.py")] + args, capture_output=True, text=True)
+    result = run_script("train_uni.py", tiny_run_args(tmp_path / "missing", tiny_weights, tmp_path / "out"), check=False)
     assert result.returncode != 0 and f"data_path does not exist or is not a folder: {tmp_path / 'missing'}" in result.stderr
     assert not (tmp_path / "out").exists()

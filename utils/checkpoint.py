@@ -11,6 +11,10 @@ from .config import validate
 FORMAT = "dinomaly-checkpoint-v1"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, of another format or of another architecture."""
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file, fsync, then rename over `path`: a crash mid-write never leaves a
     truncated file under the real name."""
@@ -32,9 +36,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise RuntimeError(f"could not read checkpoint {path}: {error}") from None
+        reason = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"could not read checkpoint {path} (not a checkpoint, or corrupt): {reason}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise RuntimeError(f"{path} is not a Dinomaly checkpoint of this repository (format {FORMAT})")
+        raise CheckpointError(f"{path} is not a Dinomaly checkpoint of this repository (format {FORMAT})")
     validate(checkpoint["config"], f"config saved in {path}")
     checkpoint["path"] = str(path)
     return checkpoint
@@ -42,13 +47,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def load_trainable(model: Dinomaly, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load bottleneck and decoder weights saved by `Dinomaly.trainable_state_dict`."""
+    stray = [k for k in state_dict if not k.startswith(("bottleneck.", "decoder."))]
+    if stray:
+        raise CheckpointError(f"{source} has unexpected keys: {', '.join(stray[:8])}")
     for part in ("bottleneck", "decoder"):
         prefix = f"{part}."
         sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        load_state_dict_strict(getattr(model, part), sub, f"{source} ({part})")
-    stray = [k for k in state_dict if not k.startswith(("bottleneck.", "decoder."))]
-    if stray:
-        raise RuntimeError(f"{source} has unexpected keys: {', '.join(stray[:8])}")
+        try:
+            load_state_dict_strict(getattr(model, part), sub, f"{source} ({part})")
+        except RuntimeError as error:
+            raise CheckpointError(str(error)) from None
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], config: dict[str, Any] = None) -> Dinomaly:

@@ -7,7 +7,7 @@ is a one-line error.
 import argparse
 import difflib
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin
+from typing import Any, Iterable, Optional, Union, get_args, get_origin
 
 import yaml
 
@@ -130,6 +130,28 @@ def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
     return cfg
 
 
+def add_config_flags(parser: argparse.ArgumentParser, keys: Iterable[str]) -> None:
+    for key in keys:
+        parser.add_argument(f"--{key}", type=str, default=None, metavar=_type_name(SCHEMA[key]).upper())
+
+
+def collect_overrides(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
+    """The config values given on the command line, parsed to their schema types."""
+    return {key: _parse_cli_value(getattr(args, key), SCHEMA[key]) for key in keys if getattr(args, key) is not None}
+
+
+def parse_known(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, turning an unknown option into an error that names the closest valid one."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0]
+        options = [o.lstrip("-") for o in parser._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(flag.lstrip("-"), options, n=1)
+        hint = f"; did you mean '--{close[0]}'?" if close else ""
+        parser.error(f"unknown option '{flag}'{hint}")
+    return args
+
+
 def parse_args(argv: list[str], default_config: str, description: str,
                extra: Optional[list[tuple[str, dict]]] = None) -> tuple[dict[str, Any], argparse.Namespace]:
     """Read `--config FILE` (default `default_config`), then apply every `--key value` override.
@@ -137,24 +159,16 @@ def parse_args(argv: list[str], default_config: str, description: str,
     `extra` adds script options that are not part of the recipe (such as --overwrite); they come back
     in the namespace.
     """
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config, help="YAML file with the recipe")
     for flag, kwargs in extra or []:
         parser.add_argument(flag, **kwargs)
-    for key, tp in SCHEMA.items():
-        parser.add_argument(f"--{key}", type=str, default=None, metavar=_type_name(tp).upper())
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = unknown[0]
-        close = difflib.get_close_matches(flag.lstrip("-"), SCHEMA, n=1)
-        hint = f"; did you mean '--{close[0]}'?" if close else ""
-        parser.error(f"unknown option '{flag}'{hint}")
+    add_config_flags(parser, SCHEMA)
+    args = parse_known(parser, argv)
     cfg = load_yaml(args.config)
     _check(cfg, str(args.config))
-    for key, tp in SCHEMA.items():
-        text = getattr(args, key)
-        if text is not None:
-            cfg[key] = _parse_cli_value(text, tp)
+    cfg.update(collect_overrides(args, SCHEMA))
     return validate(cfg, f"{args.config} + command line"), args
 
 

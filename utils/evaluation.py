@@ -65,6 +65,7 @@ def metrics_row(outputs: ClassOutputs, cfg: dict) -> dict[str, float]:
     row = class_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks,
                         cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])
     row["mAD"] = mean_anomaly_detection(row)
+    row["map_min"], row["map_max"] = float(outputs.maps.min()), float(outputs.maps.max())  # heatmap colour scale
     return row
 
 
@@ -96,12 +97,15 @@ class EvaluationResult:
 
 
 def evaluate(model: torch.nn.Module, test_sets: dict[str, TestSet], cfg: dict, device: torch.device,
-             log: Callable[[str], None] = print) -> EvaluationResult:
-    """Evaluate class by class; only one class's maps are held at a time."""
+             log: Callable[[str], None] = print,
+             on_class: Optional[Callable[[str, TestSet, ClassOutputs], None]] = None) -> EvaluationResult:
+    """Evaluate class by class; only one class's maps are held at a time (`on_class` sees them)."""
     rows, defects, images, seconds = {}, [], 0, 0.0
     for name, dataset in test_sets.items():
         outputs = infer_class(model, dataset, cfg, device)
         rows[name] = metrics_row(outputs, cfg)
+        if on_class is not None:
+            on_class(name, dataset, outputs)
         defects += defect_rows(outputs, dataset)
         images += len(dataset)
         seconds += outputs.seconds

@@ -1,0 +1,112 @@
+"""Evaluate trained Dinomaly checkpoints: the per-class table, a per-defect breakdown, inference
+throughput and peak memory, and optionally heatmap overlays.
+
+    python evaluate.py --checkpoint runs/mvtec_uni_20260101_120000/checkpoint.pth
+    python evaluate.py --run_dir runs/mvtec_sep_20260101_120000          # every class model of a run
+    python evaluate.py --run_dir runs/... --data_path /data/mvtec --save_maps 4 --gt_threshold 0.5
+
+The model is rebuilt from the config saved in the checkpoint. Only the evaluation keys below can be
+overridden (data location, device, protocol options), so the architecture always matches the weights.
+Results go to <run_dir>/eval_<date>_<time>/ (or --out): results.csv, results.md,
+results_per_defect.csv, eval_config.yaml, log.txt and maps/<class>/*.png.
+"""
+import argparse
+import datetime
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datasets import DatasetLayoutError, TestSet, build_test_set
+from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from utils.config import ConfigError, add_config_flags, collect_overrides, dump, parse_known, validate
+from utils.evaluation import ClassOutputs, EvaluationResult, evaluate, format_markdown, write_tables
+from utils.run import RunLog, resolve_device
+from utils.visualize import save_panel, to_display_image
+
+EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "device", "batch_size", "num_workers",
+             "encoder_weights", "weights_dir", "gt_threshold", "max_ratio", "aupro_thresholds", "aupro_fpr_limit")
+USER_ERRORS = (CheckpointError, ConfigError, DatasetLayoutError, FileNotFoundError, FileExistsError)
+
+
+def find_checkpoints(args: argparse.Namespace) -> tuple[list[Path], Path]:
+    """The checkpoints to evaluate and the run directory they belong to."""
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        return [path], (path if path.is_dir() else path.parent)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    if (run_dir / "checkpoint.pth").is_file():
+        return [run_dir / "checkpoint.pth"], run_dir
+    per_class = sorted(run_dir.glob("*/checkpoint.pth"))
+    if not per_class:
+        raise FileNotFoundError(f"no checkpoint.pth in {run_dir} or in its class folders")
+    return per_class, run_dir
+
+
+def map_saver(out_dir: Path, count: int, cfg: dict):
+    """A callback writing image | ground truth | heatmap for `count` evenly spaced test images of a class."""
+    def save(name: str, dataset: TestSet, outputs: ClassOutputs) -> None:
+        vmin, vmax = float(outputs.maps.min()), float(outputs.maps.max())
+        for i in np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)):
+            sample = dataset.samples[i]
+            rgb = to_display_image(dataset[i][0], cfg["map_size"])
+            title = f"{sample.defect}/{sample.image.name}  score {float(outputs.scores[i]):.4f}"
+            save_panel(out_dir / "maps" / name / f"{sample.defect}_{sample.image.stem}.png", rgb,
+                       outputs.maps[i].cpu().numpy(), vmin, vmax, outputs.masks[i].cpu().numpy(), title)
+    return save
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint.pth (or the folder holding it)")
+    source.add_argument("--run_dir", help="a run directory: its checkpoint.pth or <class>/checkpoint.pth files")
+    parser.add_argument("--out", help="output folder (default <run_dir>/eval_<date>_<time>)")
+    parser.add_argument("--save_maps", type=int, default=0, metavar="N", help="heatmap PNGs for N images per class")
+    add_config_flags(parser, EVAL_KEYS)
+    args = parse_known(parser, argv)
+    overrides = collect_overrides(args, EVAL_KEYS)
+
+    paths, run_dir = find_checkpoints(args)
+    checkpoints = [load_checkpoint(path) for path in paths]
+    out_dir = Path(args.out) if args.out else run_dir / f"eval_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+    out_dir.mkdir(parents=True, exist_ok=False)
+    log = RunLog(out_dir)
+    combined = EvaluationResult(rows={}, defects=[], images=0, seconds=0.0)
+    for checkpoint in checkpoints:
+        cfg = validate({**checkpoint["config"], **overrides}, f"config of {checkpoint['path']} + command line")
+        device = resolve_device(cfg["device"])
+        classes = overrides.get("classes") or checkpoint["classes"]
+        test_sets = {name: build_test_set(cfg, name) for name in classes}
+        model = model_from_checkpoint(checkpoint, cfg).to(device)
+        (out_dir / "eval_config.yaml").write_text(dump(cfg))
+        log(f"checkpoint {checkpoint['path']} (step {checkpoint['step']}) on {device}: {', '.join(classes)}")
+        saver = map_saver(out_dir, args.save_maps, cfg) if args.save_maps > 0 else None
+        result = evaluate(model, test_sets, cfg, device, log, on_class=saver)
+        combined.rows.update(result.rows)
+        combined.defects += result.defects
+        combined.images += result.images
+        combined.seconds += result.seconds
+    write_tables(out_dir, combined)
+    log("\n" + format_markdown(combined.rows))
+    log(f"inference: {combined.images} images, {combined.images_per_second:.1f} images/s "
+        f"(model and map time), peak memory {peak_memory_mib(device):.0f} MiB")
+    log(f"results written to {out_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,134 @@
+"""Score unlabeled images with a trained checkpoint: a CSV of image scores and a heatmap per image.
+
+    python predict.py --checkpoint runs/mvtec_uni_.../checkpoint.pth --images new_parts/ --out predictions
+    python predict.py ... --threshold f1 --class_name bottle   # normal/anomalous by the stored F1-max threshold
+    python predict.py ... --threshold 0.042                    # or by a value of the image score
+
+Writes <out>/scores.csv (file, score[, anomalous]) and <out>/heatmaps/*.png (image | heatmap). Files
+that cannot be read are listed; if no image could be processed the exit status is non-zero.
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from datasets import IMG_EXTENSIONS, load_image
+from datasets.transforms import image_transform
+from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from utils.config import ConfigError, add_config_flags, collect_overrides, parse_known, validate
+from utils.evaluation import predict_maps
+from utils.run import resolve_device
+from utils.visualize import save_panel, to_display_image
+
+PREDICT_KEYS = ("device", "batch_size", "encoder_weights", "weights_dir", "max_ratio")
+
+
+def find_images(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {path}")
+    return images
+
+
+def resolve_threshold(value: Optional[str], class_name: Optional[str], checkpoint: dict) -> Optional[float]:
+    """None, a number, or 'f1': the image F1-max threshold the checkpoint stored for `class_name`."""
+    if value is None:
+        return None
+    if value != "f1":
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"--threshold must be a number or 'f1', got '{value}'") from None
+    results = checkpoint.get("results") or {}
+    if class_name is None and len(results) == 1:
+        class_name = next(iter(results))
+    if class_name not in results:
+        raise ConfigError(f"--threshold f1 needs --class_name, one of: {', '.join(results) or '(none stored)'}")
+    return results[class_name]["image_threshold"]
+
+
+def colour_scale(checkpoint: dict, class_name: Optional[str]) -> Optional[tuple[float, float]]:
+    """Heatmap range seen on the test set of the class (or of all classes) at the last evaluation."""
+    results = checkpoint.get("results") or {}
+    rows = [results[class_name]] if class_name in results else list(results.values())
+    if not rows:
+        return None
+    return min(r["map_min"] for r in rows), max(r["map_max"] for r in rows)
+
+
+def output_name(path: Path, root: Path) -> str:
+    relative = path.relative_to(root) if root.is_dir() else Path(path.name)
+    return "__".join(relative.with_suffix("").parts) + ".png"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint.pth written by training")
+    parser.add_argument("--images", required=True, help="an image file or a folder (searched recursively)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--threshold", help="a score value, or 'f1' for the threshold stored in the checkpoint")
+    parser.add_argument("--class_name", help="which class's stored threshold and colour scale to use")
+    parser.add_argument("--no_heatmaps", action="store_true", help="write only scores.csv")
+    add_config_flags(parser, PREDICT_KEYS)
+    args = parse_known(parser, argv)
+
+    checkpoint = load_checkpoint(Path(args.checkpoint))
+    cfg = validate({**checkpoint["config"], **collect_overrides(args, PREDICT_KEYS)}, "checkpoint config + command line")
+    threshold = resolve_threshold(args.threshold, args.class_name, checkpoint)
+    root = Path(args.images)
+    paths = find_images(root)
+    device = resolve_device(cfg["device"])
+    model = model_from_checkpoint(checkpoint, cfg).to(device).eval()
+    transform = image_transform(cfg["image_size"], cfg["crop_size"])
+    scale = colour_scale(checkpoint, args.class_name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows, failed = [], []
+    for start in range(0, len(paths), cfg["batch_size"]):
+        batch, tensors = [], []
+        for path in paths[start:start + cfg["batch_size"]]:
+            try:
+                tensors.append(transform(load_image(path)))
+                batch.append(path)
+            except RuntimeError as error:
+                failed.append((path, str(error)))
+        if not batch:
+            continue
+        images = torch.stack(tensors)
+        maps, scores = predict_maps(model, images.to(device), cfg)
+        for path, image, amap, score in zip(batch, images, maps.cpu().numpy(), scores.tolist()):
+            rows.append((path, score))
+            if not args.no_heatmaps:
+                vmin, vmax = scale or (float(amap.min()), float(amap.max()))
+                verdict = "" if threshold is None else ("  ANOMALOUS" if score >= threshold else "  normal")
+                save_panel(out / "heatmaps" / output_name(path, root), to_display_image(image, cfg["map_size"]),
+                           amap, vmin, vmax, title=f"{path.name}  score {score:.4f}{verdict}")
+
+    with open(out / "scores.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "score"] + ([] if threshold is None else ["anomalous"]))
+        for path, score in rows:
+            writer.writerow([str(path), f"{score:.6f}"] + ([] if threshold is None else [int(score >= threshold)]))
+    for path, reason in failed:
+        print(f"could not read {path}: {reason}", file=sys.stderr)
+    summary = f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}"
+    if threshold is not None:
+        summary += f"; threshold {threshold:.6f}: {sum(s >= threshold for _, s in rows)} anomalous"
+    print(summary)
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (CheckpointError, ConfigError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")

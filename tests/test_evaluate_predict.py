@@ -1,0 +1,146 @@
+"""evaluate.py and predict.py end to end on a checkpoint trained in the test, plus their pieces."""
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from conftest import run_script
+from datasets import TestSample
+from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.evaluation import ClassOutputs, binarise_masks, defect_rows
+from utils.metrics import aupro, class_metrics, ranking_metrics
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_reproduces_training_results_and_writes_maps(trained_run, tmp_path):
+    out = tmp_path / "eval"
+    result = run_script("evaluate.py", ["--checkpoint", trained_run / "checkpoint.pth", "--out", out,
+                                        "--save_maps", 3, "--num_workers", 0])
+    trained = {r["class"]: r for r in read_rows(trained_run / "results.csv")}
+    evaluated = {r["class"]: r for r in read_rows(out / "results.csv")}
+    assert trained == evaluated
+    assert "images/s" in result.stdout and "peak memory" in result.stdout
+    assert "| mean |" in (out / "results.md").read_text()
+    for name in ("checker", "stripes"):
+        assert len(list((out / "maps" / name).glob("*.png"))) == 3
+    defects = read_rows(out / "results_per_defect.csv")
+    assert {(r["class"], r["defect"]) for r in defects} == {(c, d) for c in ("checker", "stripes")
+                                                            for d in ("blob", "hole", "scratch")}
+
+
+def test_evaluate_run_dir_and_protocol_override(trained_run, tmp_path):
+    out = tmp_path / "eval"
+    run_script("evaluate.py", ["--run_dir", trained_run, "--out", out, "--gt_threshold", "0.5",
+                               "--classes", "stripes", "--num_workers", "0"])
+    rows = read_rows(out / "results.csv")
+    assert [r["class"] for r in rows] == ["stripes", "mean"]
+    assert "gt_threshold: 0.5" in (out / "eval_config.yaml").read_text()
+
+
+def test_evaluate_errors_name_the_path(trained_run, tmp_path):
+    missing = tmp_path / "nothing" / "checkpoint.pth"
+    result = run_script("evaluate.py", ["--checkpoint", missing], check=False)
+    assert result.returncode != 0 and f"checkpoint not found: {missing}" in result.stderr
+    result = run_script("evaluate.py", ["--run_dir", tmp_path], check=False)
+    assert result.returncode != 0 and f"no checkpoint.pth in {tmp_path}" in result.stderr
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00" * 100)
+    result = run_script("evaluate.py", ["--checkpoint", garbage], check=False)
+    assert result.returncode != 0 and f"could not read checkpoint {garbage}" in result.stderr
+
+
+def test_checkpoint_of_another_architecture_is_rejected(trained_run, tmp_path):
+    checkpoint = load_checkpoint(trained_run / "checkpoint.pth")
+    checkpoint["config"] = {**checkpoint["config"], "encoder": "dinov2_vit_small_14", "encoder_weights": "random"}
+    path = tmp_path / "other.pth"
+    save_checkpoint(path, {k: v for k, v in checkpoint.items() if k not in ("format", "path")})
+    with pytest.raises(CheckpointError) as error, pytest.warns(UserWarning):
+        model_from_checkpoint(load_checkpoint(path))
+    assert str(path) in str(error.value) and "shape mismatches" in str(error.value)
+    result = run_script("evaluate.py", ["--checkpoint", path], check=False)
+    assert result.returncode != 0 and "does not match the architecture" in result.stderr
+
+
+def test_predict_scores_labels_and_lists_unreadable_files(trained_run, synthetic_data, tmp_path):
+    images = tmp_path / "images"
+    (images / "nested").mkdir(parents=True)
+    shutil.copy(synthetic_data / "stripes" / "test" / "blob" / "000.png", images / "defect.png")
+    shutil.copy(synthetic_data / "stripes" / "test" / "good" / "000.png", images / "nested" / "good.png")
+    (images / "broken.png").write_bytes(b"not an image")
+    (images / "readme.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "pred"
+    result = run_script("predict.py", ["--checkpoint", trained_run / "checkpoint.pth", "--images", images,
+                                       "--out", out, "--threshold", "f1", "--class_name", "stripes"])
+    assert f"could not read {images / 'broken.png'}" in result.stderr
+    rows = {r["file"]: r for r in read_rows(out / "scores.csv")}
+    assert set(rows) == {str(images / "defect.png"), str(images / "nested" / "good.png")}
+    threshold = load_checkpoint(trained_run / "checkpoint.pth")["results"]["stripes"]["image_threshold"]
+    for row in rows.values():
+        assert row["anomalous"] == str(int(float(row["score"]) >= threshold))
+    assert float(rows[str(images / "defect.png")]["score"]) > float(rows[str(images / "nested" / "good.png")]["score"])
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["defect.png", "nested__good.png"]
+
+
+def test_predict_fails_when_nothing_is_processed(trained_run, tmp_path):
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"junk")
+    args = ["--checkpoint", trained_run / "checkpoint.pth", "--out", tmp_path / "o"]
+    result = run_script("predict.py", args + ["--images", only_bad], check=False)
+    assert result.returncode == 1 and "0 images scored, 1 unreadable" in result.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_script("predict.py", args + ["--images", empty], check=False)
+    assert result.returncode != 0 and f"no images" in result.stderr and str(empty) in result.stderr
+    result = run_script("predict.py", args + ["--images", only_bad, "--threshold", "f1"], check=False)
+    assert result.returncode != 0 and "--threshold f1 needs --class_name, one of: checker, stripes" in result.stderr
+
+
+def test_defect_breakdown_matches_direct_auroc():
+    rng = np.random.default_rng(0)
+    defects = ["good"] * 6 + ["blob"] * 4 + ["hole"] * 3
+    labels = torch.tensor([d != "good" for d in defects])
+    masks = torch.zeros(13, 16, 16, dtype=torch.bool)
+    masks[6:, 4:9, 4:9] = True
+    maps = torch.from_numpy(rng.random((13, 16, 16)).astype(np.float32)) + masks * 0.3
+    scores = torch.from_numpy(rng.random(13).astype(np.float32)) + labels * 0.5
+    dataset = type("D", (), {"samples": [TestSample(None, None, int(d != "good"), d, "c") for d in defects]})
+    rows = defect_rows(ClassOutputs(maps, scores, labels, masks, 0.0), dataset)
+    for row in rows:
+        keep = np.array([d in ("good", row["defect"]) for d in defects])
+        assert row["I-AUROC"] == pytest.approx(roc_auc_score(labels.numpy()[keep], scores.numpy()[keep]), abs=1e-12)
+        assert row["P-AUROC"] == pytest.approx(roc_auc_score(masks.numpy()[keep].ravel(), maps.numpy()[keep].ravel()),
+                                                abs=1e-12)
+    assert [r["images"] for r in rows] == [4, 3]
+
+
+def test_gt_threshold_option():
+    mask = torch.tensor([[0.0, 0.3], [0.5, 0.9]]).view(1, 1, 2, 2)
+    assert binarise_masks(mask, 2, 0.0).sum() == 3
+    assert binarise_masks(mask, 2, 0.5).sum() == 1
+
+
+def test_chunked_sort_path_matches_sklearn_on_large_data():
+    """Over a million scores are sorted in parallel chunks; counts over chunks must stay exact."""
+    rng = np.random.default_rng(1)
+    labels = rng.random(2_500_000) < 0.02
+    scores = (np.round(rng.normal(size=labels.size), 3) + labels).astype(np.float32)
+    got = ranking_metrics(torch.from_numpy(scores), torch.from_numpy(labels))
+    assert got["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_aupro_paths_agree():
+    """class_metrics counts normal pixels by binary search, aupro alone by binning: same value."""
+    rng = np.random.default_rng(2)
+    maps = torch.from_numpy(rng.random((20, 64, 64)).astype(np.float32))
+    masks = torch.from_numpy(rng.random((20, 64, 64)) < 0.05)
+    masks[:8] = False
+    row = class_metrics(maps.flatten(1).max(1).values, masks.flatten(1).any(1), maps, masks)
+    assert row["AUPRO"] == aupro(maps, masks)
