@@ -3,14 +3,16 @@
     python train_sep.py --data_path ../mvtec_anomaly_detection
     python train_sep.py --config configs/visa_sep.yaml --data_path ../VisA_pytorch/1cls
 
-The training loop is train_uni.train; only the outer loop over classes differs. A run writes, under
+The training loop is train_uni.train; only the outer loop over classes differs. `--resume RUN_DIR`
+skips the finished classes and continues the interrupted one at its last checkpoint. A run writes, under
 <output_dir>/<run_name>/: config.yaml, log.txt, <class>/checkpoint.pth for every class, and
 results.csv / results.md with one row per class and the mean, plus results_per_defect.csv.
 """
 import sys
 
 from datasets import dataset_classes
-from train_uni import USER_ERRORS, load_data, log_counts, open_run, parse_run_args, train
+from train_uni import (USER_ERRORS, finished_result, load_data, log_counts, open_run, parse_run_args,
+                       previous_checkpoint, train)
 from utils.evaluation import EvaluationResult, format_markdown, write_tables
 from utils.run import resolve_device
 
@@ -22,11 +24,14 @@ def main(argv: list[str]) -> None:
     run_dir, log = open_run(cfg, args, device)
     combined = EvaluationResult(rows={}, defects=[], images=0, seconds=0.0)
     for i, (name, (train_set, test_sets)) in enumerate(data.items()):
-        log(f"=== class {i + 1}/{len(data)}: {name}")
-        log_counts(log, train_set, test_sets)
         class_dir = run_dir / name
-        class_dir.mkdir()
-        result = train(cfg, train_set, test_sets, class_dir, log, device)
+        checkpoint = previous_checkpoint(class_dir / "checkpoint.pth") if args.resume else None
+        result = finished_result(checkpoint)
+        log(f"=== class {i + 1}/{len(data)}: {name}" + (" (finished earlier)" if result else ""))
+        if result is None:
+            log_counts(log, train_set, test_sets)
+            class_dir.mkdir(exist_ok=True)
+            result = train(cfg, train_set, test_sets, class_dir, log, device, checkpoint)
         combined.rows.update(result.rows)
         combined.defects += result.defects
         combined.images += result.images

@@ -1,7 +1,7 @@
 """Datasets chosen by the config's `dataset` key; all but Real-IAD use the MVTec AD folder layout."""
 from pathlib import Path
 
-from .mvtec import (IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, list_images,
+from .mvtec import (IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, list_images,
                     list_test_samples, load_image)
 
 CLASSES = {
@@ -38,4 +38,5 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
 
 
 __all__ = ["CLASSES", "IMG_EXTENSIONS", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
+           "check_files",
            "build_train_set", "dataset_classes", "list_images", "load_image"]

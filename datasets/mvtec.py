@@ -58,6 +58,28 @@ def load_image(path: Path, mode: str = "RGB") -> Image.Image:
         raise RuntimeError(f"cannot decode image {path}: {error}") from None
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """Width and height from the file header (cheap: no pixel is decoded)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception as error:
+        raise DatasetLayoutError(f"cannot read image {path}: {error}") from None
+
+
+def check_files(train_paths: list[Path], test_samples: list[TestSample]) -> None:
+    """Open every header before training: a file that is not an image, or a mask whose size differs
+    from its image, is an error naming it now rather than hours into a run."""
+    for path in train_paths:
+        image_size(path)
+    for sample in test_samples:
+        size = image_size(sample.image)
+        if sample.mask is not None and image_size(sample.mask) != size:
+            mask_size = image_size(sample.mask)
+            raise DatasetLayoutError(f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image "
+                                     f"{sample.image} is {size[0]}x{size[1]}")
+
+
 def train_images(root: Path, class_name: str) -> list[Path]:
     folder = _require_dir(Path(root) / class_name / "train" / "good", f"training folder of class '{class_name}'")
     images = list_images(folder)
@@ -100,7 +122,7 @@ def list_test_samples(root: Path, class_name: str) -> list[TestSample]:
 
 
 class TrainSet(Dataset):
-    """Normal training images of several classes, concatenated; items are (image, class index)."""
+    """Normal training images of several classes, concatenated; items are (image, sample index)."""
 
     def __init__(self, root: str, class_names: list[str], image_size: int, crop_size: int):
         self.class_names = list(class_names)
@@ -111,8 +133,7 @@ class TrainSet(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, class_index = self.samples[index]
-        return self.transform(load_image(path)), class_index
+        return self.transform(load_image(self.samples[index][0])), index
 
 
 class TestSet(Dataset):

@@ -36,11 +36,11 @@ def test_folder_dataset_discovers_classes(data):
 
 def test_transforms_match_the_reference_definition(data):
     train = TrainSet(str(data), ["stripes"], image_size=64, crop_size=56)
-    image, class_index = train[0]
+    image, index = train[0]
     pil = Image.open(train.samples[0][0]).convert("RGB").resize((64, 64), Image.BILINEAR)
     array = np.asarray(pil, dtype=np.float32)[4:60, 4:60] / 255
     expected = (array - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    assert class_index == 0 and image.shape == (3, 56, 56)
+    assert index == 0 and image.shape == (3, 56, 56)
     np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), expected, atol=1e-5)
     test = TestSet(list_test_samples(data, "stripes"), 64, 56)
     _, mask, label, _ = test[len(test) - 1]

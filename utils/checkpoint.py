@@ -1,8 +1,10 @@
 """Checkpoints: written atomically, read with weights_only=True, checked against the architecture."""
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models import Dinomaly, build_from_config, load_state_dict_strict
@@ -64,3 +66,20 @@ def model_from_checkpoint(checkpoint: dict[str, Any], config: dict[str, Any] = N
     model = build_from_config(config or checkpoint["config"])
     load_trainable(model, checkpoint["model"], f"checkpoint {checkpoint['path']}")
     return model
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random state that training draws from, in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

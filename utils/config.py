@@ -26,6 +26,8 @@ SCHEMA: dict[str, Any] = {
     # evaluation
     "eval_every": int, "max_ratio": float, "map_size": int, "map_sigma": float, "gt_threshold": float,
     "aupro_thresholds": int, "aupro_fpr_limit": float,
+    # reliability
+    "ckpt_every": int, "max_bad_steps": int, "spike_factor": float, "spike_rollback": bool,
     # run
     "device": str, "output_dir": str, "run_name": Optional[str],
 }
@@ -37,9 +39,9 @@ CHOICES = {
     "realiad_split": ("mv", "sv"),
 }
 POSITIVE = ("image_size", "crop_size", "batch_size", "decoder_depth", "total_iters", "lr",
-            "aupro_thresholds", "map_size", "grad_clip")
+            "aupro_thresholds", "map_size", "grad_clip", "max_bad_steps")
 NON_NEGATIVE = ("num_workers", "warmup_iters", "final_lr", "weight_decay", "eps", "hm_factor", "hm_ramp_iters",
-                "eval_every", "attn_eps", "max_ratio", "map_sigma")
+                "eval_every", "attn_eps", "max_ratio", "map_sigma", "ckpt_every", "spike_factor")
 UNIT_INTERVAL = ("dropout", "hm_p_final", "gt_threshold", "aupro_fpr_limit")
 
 
@@ -152,24 +154,31 @@ def parse_known(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
     return args
 
 
-def parse_args(argv: list[str], default_config: str, description: str,
-               extra: Optional[list[tuple[str, dict]]] = None) -> tuple[dict[str, Any], argparse.Namespace]:
-    """Read `--config FILE` (default `default_config`), then apply every `--key value` override.
-
-    `extra` adds script options that are not part of the recipe (such as --overwrite); they come back
-    in the namespace.
-    """
+def build_parser(default_config: str, description: str,
+                 extra: Optional[list[tuple[str, dict]]] = None) -> argparse.ArgumentParser:
+    """`--config FILE`, every config key as `--key value`, and the script's own options `extra`."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config, help="YAML file with the recipe")
     for flag, kwargs in extra or []:
         parser.add_argument(flag, **kwargs)
     add_config_flags(parser, SCHEMA)
-    args = parse_known(parser, argv)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The YAML file of `--config` with the command-line overrides applied, validated."""
     cfg = load_yaml(args.config)
     _check(cfg, str(args.config))
     cfg.update(collect_overrides(args, SCHEMA))
-    return validate(cfg, f"{args.config} + command line"), args
+    return validate(cfg, f"{args.config} + command line")
+
+
+def parse_args(argv: list[str], default_config: str, description: str,
+               extra: Optional[list[tuple[str, dict]]] = None) -> tuple[dict[str, Any], argparse.Namespace]:
+    """Read `--config FILE` (default `default_config`), then apply every `--key value` override."""
+    args = parse_known(build_parser(default_config, description, extra), argv)
+    return config_from_args(args), args
 
 
 def dump(cfg: dict[str, Any]) -> str:

@@ -46,7 +46,8 @@ def infer_class(model: torch.nn.Module, dataset: TestSet, cfg: dict, device: tor
                 batch_size: Optional[int] = None) -> ClassOutputs:
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size or cfg["batch_size"], shuffle=False,
-                        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
+                        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # leaves the global RNG (dropout) untouched
     maps, scores, labels, masks, seconds = [], [], [], [], 0.0
     for images, gt, label, _ in loader:
         start = time.perf_counter()
@@ -74,7 +75,7 @@ def defect_rows(outputs: ClassOutputs, dataset: TestSet) -> list[dict]:
     defects = np.array([s.defect for s in dataset.samples])
     good = torch.from_numpy(defects == "good").to(outputs.labels.device)
     rows = []
-    for defect in sorted(set(defects) - {"good"}):
+    for defect in sorted({s.defect for s in dataset.samples} - {"good"}):
         keep = good | torch.from_numpy(defects == defect).to(good.device)
         rows.append({
             "class": dataset.samples[0].class_name, "defect": defect, "images": int(keep.sum() - good.sum()),

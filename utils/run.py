@@ -3,6 +3,7 @@ import datetime
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +58,24 @@ class RunLog:
             f.write(message + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGINT only set `signal`; the training loop checks it after each step,
+    saves a checkpoint and exits, so a preempted job loses nothing."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __enter__(self) -> "StopRequest":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
