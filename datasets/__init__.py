@@ -1,8 +1,8 @@
 """Datasets chosen by the config's `dataset` key; all but Real-IAD use the MVTec AD folder layout."""
 from pathlib import Path
 
-from .mvtec import (IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, list_images,
-                    list_test_samples, load_image)
+from . import mvtec, realiad
+from .mvtec import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, list_images, load_image
 
 CLASSES = {
     "mvtec": ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
@@ -10,6 +10,7 @@ CLASSES = {
     "visa": ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
              "pcb3", "pcb4", "pipe_fryum"],
     "mpdd": ["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"],
+    "realiad": realiad.CLASSES,
 }
 
 
@@ -23,20 +24,29 @@ def dataset_classes(cfg: dict) -> list[str]:
         return list(cfg["classes"])
     if cfg["dataset"] in CLASSES:
         return CLASSES[cfg["dataset"]]
-    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())  # dataset: folder
     if not found:
         raise DatasetLayoutError(f"no class folders with a train/ folder under {root}")
     return found
 
 
 def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
-    return TrainSet(cfg["data_path"], class_names, cfg["image_size"], cfg["crop_size"])
+    root = Path(cfg["data_path"])
+    if cfg["dataset"] == "realiad":
+        images = {name: realiad.train_images(root, name, cfg["realiad_split"]) for name in class_names}
+    else:
+        images = {name: mvtec.train_images(root, name) for name in class_names}
+    return TrainSet(images, cfg["image_size"], cfg["crop_size"])
 
 
 def build_test_set(cfg: dict, class_name: str) -> TestSet:
-    return TestSet(list_test_samples(Path(cfg["data_path"]), class_name), cfg["image_size"], cfg["crop_size"])
+    root = Path(cfg["data_path"])
+    if cfg["dataset"] == "realiad":
+        samples = realiad.list_test_samples(root, class_name, cfg["realiad_split"])
+    else:
+        samples = mvtec.list_test_samples(root, class_name)
+    return TestSet(samples, cfg["image_size"], cfg["crop_size"])
 
 
 __all__ = ["CLASSES", "IMG_EXTENSIONS", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
-           "check_files",
-           "build_train_set", "dataset_classes", "list_images", "load_image"]
+           "build_train_set", "check_files", "dataset_classes", "list_images", "load_image"]

@@ -124,9 +124,9 @@ def list_test_samples(root: Path, class_name: str) -> list[TestSample]:
 class TrainSet(Dataset):
     """Normal training images of several classes, concatenated; items are (image, sample index)."""
 
-    def __init__(self, root: str, class_names: list[str], image_size: int, crop_size: int):
-        self.class_names = list(class_names)
-        self.samples = [(path, i) for i, name in enumerate(self.class_names) for path in train_images(Path(root), name)]
+    def __init__(self, images_by_class: dict[str, list[Path]], image_size: int, crop_size: int):
+        self.class_names = list(images_by_class)
+        self.samples = [(path, i) for i, name in enumerate(self.class_names) for path in images_by_class[name]]
         self.transform = image_transform(image_size, crop_size)
 
     def __len__(self) -> int:

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from datasets import DatasetLayoutError, TestSet, TrainSet, dataset_classes
-from datasets.mvtec import list_test_samples
+from datasets.mvtec import list_test_samples, train_images
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -35,7 +35,7 @@ def test_folder_dataset_discovers_classes(data):
 
 
 def test_transforms_match_the_reference_definition(data):
-    train = TrainSet(str(data), ["stripes"], image_size=64, crop_size=56)
+    train = TrainSet({"stripes": train_images(data, "stripes")}, image_size=64, crop_size=56)
     image, index = train[0]
     pil = Image.open(train.samples[0][0]).convert("RGB").resize((64, 64), Image.BILINEAR)
     array = np.asarray(pil, dtype=np.float32)[4:60, 4:60] / 255
@@ -50,7 +50,7 @@ def test_transforms_match_the_reference_definition(data):
 def test_missing_train_folder_names_path_and_tree(data):
     shutil.rmtree(data / "stripes" / "train")
     with pytest.raises(DatasetLayoutError) as error:
-        TrainSet(str(data), ["stripes"], 64, 56)
+        TrainSet({"stripes": train_images(data, "stripes")}, 64, 56)
     assert str(data / "stripes" / "train" / "good") in str(error.value)
     assert "expected layout" in str(error.value)
 
@@ -76,7 +76,7 @@ def test_missing_ground_truth_folder(data):
 def test_unreadable_image_is_named(data):
     bad = data / "stripes" / "train" / "good" / "000.png"
     bad.write_bytes(b"this is not a png")
-    train = TrainSet(str(data), ["stripes"], 64, 56)
+    train = TrainSet({"stripes": train_images(data, "stripes")}, 64, 56)
     with pytest.raises(RuntimeError, match=f"cannot decode image {bad}"):
         train[0]
 
@@ -94,4 +94,4 @@ def test_empty_class_is_an_error(data):
     for f in (data / "stripes" / "train" / "good").iterdir():
         f.unlink()
     with pytest.raises(DatasetLayoutError, match="no training images in"):
-        TrainSet(str(data), ["stripes"], 64, 56)
+        TrainSet({"stripes": train_images(data, "stripes")}, 64, 56)
