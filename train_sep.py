@@ -11,17 +11,17 @@ results.csv / results.md with one row per class and the mean, plus results_per_d
 import sys
 
 from datasets import dataset_classes
-from train_uni import (USER_ERRORS, finished_result, load_data, log_counts, open_run, parse_run_args,
-                       previous_checkpoint, train)
+from train_uni import (USER_ERRORS, finished_result, load_data, log_counts, open_run, previous_checkpoint, start,
+                       train)
+from utils.distributed import barrier, is_main, shutdown
 from utils.evaluation import EvaluationResult, format_markdown, write_tables
-from utils.run import resolve_device
 
 
 def main(argv: list[str]) -> None:
-    cfg, args = parse_run_args(argv, "mvtec_sep.yaml", __doc__)
-    device = resolve_device(cfg["device"])
+    cfg, args, device = start(argv, "mvtec_sep.yaml", __doc__)
     data = {name: load_data(cfg, [name]) for name in dataset_classes(cfg)}
     run_dir, log = open_run(cfg, args, device)
+    barrier()
     combined = EvaluationResult(rows={}, defects=[], images=0, seconds=0.0)
     for i, (name, (train_set, test_sets)) in enumerate(data.items()):
         class_dir = run_dir / name
@@ -31,14 +31,15 @@ def main(argv: list[str]) -> None:
         if result is None:
             log_counts(log, train_set, test_sets)
             class_dir.mkdir(exist_ok=True)
+            barrier()
             result = train(cfg, train_set, test_sets, class_dir, log, device, checkpoint)
-        combined.rows.update(result.rows)
-        combined.defects += result.defects
-        combined.images += result.images
-        combined.seconds += result.seconds
-        write_tables(run_dir, combined)
+        if is_main():
+            combined.rows.update(result.rows)
+            combined.defects += result.defects
+            write_tables(run_dir, combined)
     log("\n" + format_markdown(combined.rows))
     log(f"results written to {run_dir}")
+    shutdown()
 
 
 if __name__ == "__main__":

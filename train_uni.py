@@ -9,6 +9,9 @@ Every key of the YAML config can be overridden as --key value. A run writes, und
 results_per_defect.csv, and checkpoint.pth (trainable weights + config, for evaluate.py/predict.py).
 """
 import argparse
+import math
+import shutil
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,22 +19,27 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import (DatasetLayoutError, TestSet, TrainSet, build_test_set, build_train_set, check_files,
                       dataset_classes)
+from datasets.cache import attach_image_cache
 from datasets.sampler import StepBatchSampler
 from models import Dinomaly, build_from_config
 from utils.checkpoint import (CheckpointError, capture_rng, load_checkpoint, load_trainable, restore_rng,
                               save_checkpoint)
 from utils.config import (SCHEMA, ConfigError, build_parser, collect_overrides, config_from_args, dump, load_yaml,
                           parse_known, validate)
+from utils.distributed import barrier, broadcast, init_distributed, is_main, mean_over_ranks, rank, shutdown, world_size
 from utils.evaluation import EvaluationResult, evaluate, format_markdown, write_tables
+from utils.feature_cache import FeatureCache
 from utils.guard import TrainingGuard
 from utils.loss import global_cosine_hm, hard_mining_p
 from utils.optim import StableAdamW, lr_at, warmup_cosine_schedule
-from utils.run import RunLog, StopRequest, create_run_dir, default_run_name, resolve_device, seed_everything
+from utils.run import (RunLog, StopRequest, autocast, create_run_dir, default_run_name, resolve_device,
+                       seed_everything)
 
 LOG_EVERY = 100  # steps between loss lines in log.txt
 RESUME_OVERRIDES = ("device", "num_workers", "data_path", "ckpt_every", "max_bad_steps", "spike_factor",
@@ -61,21 +69,30 @@ def log_counts(log: RunLog, train_set: TrainSet, test_sets: dict[str, TestSet]) 
         log(f"  {name:<14} train {train_counts[name]:5d}   test normal {labels[0]:4d}  anomalous {labels[1]:4d}")
 
 
-def train_step(model: Dinomaly, optimizer: torch.optim.Optimizer, images: torch.Tensor, it: int, lr: float,
-               cfg: dict) -> tuple[float, bool]:
-    """One optimisation step of the recipe at iteration `it`. Returns the loss and whether loss and
-    gradients were finite; a non-finite step changes no weight."""
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs, it: int, lr: float, cfg: dict,
+               scaler: Optional[torch.amp.GradScaler] = None) -> tuple[float, bool]:
+    """One optimisation step of the recipe at iteration `it` on images (or their cached encoder
+    features). Returns the loss (averaged over processes) and whether loss and gradients were finite;
+    a non-finite step changes no weight."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    en, de = model(images)
+    with autocast(next(model.parameters()).device, cfg["precision"]):
+        en, de = model(inputs)
     loss = global_cosine_hm(en, de, hard_mining_p(it, cfg["hm_p_final"], cfg["hm_ramp_iters"]), cfg["hm_factor"])
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), max_norm=cfg["grad_clip"])
-    finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-    if finite:
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=cfg["grad_clip"])
+    loss = mean_over_ranks(loss.detach()).item()
+    finite = math.isfinite(loss) and (scaler is not None or bool(torch.isfinite(grad_norm)))
+    if scaler:
+        scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
+        scaler.update()
+    elif finite:
         optimizer.step()
-    return loss.item(), finite
+    return loss, finite
 
 
 def build_optimizer(model: Dinomaly, cfg: dict) -> StableAdamW:
@@ -126,20 +143,30 @@ def rollback(path: Path, model: Dinomaly, optimizer: StableAdamW, state: TrainSt
     return restored
 
 
-def train_loader(train_set: TrainSet, cfg: dict, state: TrainState, device: torch.device) -> DataLoader:
-    """Batches of steps state.step..total_iters-1; its own generator keeps the global RNG untouched."""
-    class_ids = [i for _, i in train_set.samples] if cfg["sampler"] == "class_balanced" else None
-    sampler = StepBatchSampler(len(train_set), cfg["batch_size"], cfg["total_iters"],
-                               cfg["seed"] + 1000 * state.reshuffles, start_step=state.step, class_ids=class_ids)
-    return DataLoader(train_set, batch_sampler=sampler, num_workers=cfg["num_workers"],
-                      pin_memory=device.type == "cuda", generator=torch.Generator())
+def train_loader(data: Dataset, cfg: dict, state: TrainState, device: torch.device) -> DataLoader:
+    """This process's share of the batches of steps state.step..total_iters-1; its own generator keeps
+    the global RNG untouched."""
+    class_ids = [i for _, i in data.samples] if cfg["sampler"] == "class_balanced" else None
+    sampler = StepBatchSampler(len(data), cfg["batch_size"], cfg["total_iters"], cfg["seed"] + 1000 * state.reshuffles,
+                               start_step=state.step, class_ids=class_ids, rank=rank(), world_size=world_size())
+    workers = 0 if isinstance(data, FeatureCache) else cfg["num_workers"]
+    return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator())
+
+
+def to_device(inputs, device: torch.device):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    fused, groups = inputs
+    return fused.to(device, non_blocking=True), [g.to(device, non_blocking=True) for g in groups]
 
 
 def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir: Path, log: RunLog,
           device: torch.device, resume: Optional[dict] = None) -> EvaluationResult:
     """Train one model on `train_set` (from scratch, or from the checkpoint `resume`), evaluating on
     `test_sets` every `eval_every` steps and at the end. run_dir/checkpoint.pth is rewritten every
-    `ckpt_every` steps, on SIGTERM/SIGINT, and at the end (then slimmed to weights, config, results)."""
+    `ckpt_every` steps, on SIGTERM/SIGINT, and at the end (then slimmed to weights, config, results).
+    Under torchrun every process runs this; only rank 0 evaluates and writes."""
     seed_everything(cfg["seed"])
     model = build_from_config(cfg).to(device)
     optimizer = build_optimizer(model, cfg)
@@ -148,22 +175,33 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
     if resume is not None:
         state = restore_training(resume, model, optimizer)
         log(f"resumed from {resume['path']} at step {state.step}")
+    if cfg["compile"]:
+        for block in [*model.encoder.blocks, *model.decoder]:
+            block.compile()
+    data = train_set
+    if cfg["image_cache"] != "none":
+        attach_image_cache(train_set, cfg["image_cache"], cache_dir(cfg), cfg["image_size"], log)
+    if cfg["cache_features"] != "none":
+        data = FeatureCache(model, train_set, cfg, device, cfg["cache_features"], run_dir / "feature_cache", log)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
+    scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
     schedule = warmup_cosine_schedule(cfg["lr"], cfg["final_lr"], total, cfg["warmup_iters"])
     guard = TrainingGuard(cfg["max_bad_steps"], cfg["spike_factor"])
-    progress = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True)
+    progress = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True, disable=not is_main())
 
     model.train()
     with StopRequest() as stop:
         while state.step < total:
-            for images, indices in train_loader(train_set, cfg, state, device):
+            for inputs, indices in train_loader(data, cfg, state, device):
                 lr = lr_at(schedule, state.step, cfg["final_lr"])
-                loss, finite = train_step(model, optimizer, images.to(device, non_blocking=True), state.step, lr, cfg)
+                loss, finite = train_step(net, optimizer, to_device(inputs, device), state.step, lr, cfg, scaler)
                 verdict = guard.check(loss, finite)
                 if verdict != "ok":
                     files = ", ".join(train_set.samples[i][0].name for i in indices.tolist())
                     log(f"step {state.step + 1}: {verdict} (loss {loss:.4g}, update "
                         f"{'applied' if finite else 'skipped'}); batch: {files}")
                 if verdict == "diverged" or (verdict == "spike" and cfg["spike_rollback"]):
+                    barrier()
                     state = rollback(path, model, optimizer, state, log)
                     guard.reset()
                     progress.n = state.step
@@ -176,20 +214,48 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
                     recent = state.losses[-LOG_EVERY:]
                     log(f"step {state.step}/{total}  loss {sum(recent) / len(recent):.4f}  lr {lr:.3e}")
                 if cfg["eval_every"] and state.step % cfg["eval_every"] == 0 and state.step < total:
-                    log(f"step {state.step}: evaluating")
-                    state.results = evaluate(model, test_sets, cfg, device, log)
-                    model.train()
-                if stop.signal is not None or (cfg["ckpt_every"] and state.step % cfg["ckpt_every"] == 0):
-                    save_training(path, model, optimizer, state, cfg, classes)
-                if stop.signal is not None:
-                    log(f"signal {stop.signal}: checkpoint saved at step {state.step} in {path}; "
-                        f"continue with --resume {run_dir.parent if run_dir.name in classes else run_dir}")
-                    raise SystemExit(128 + stop.signal)
+                    state.results = evaluate_on_main(model, test_sets, cfg, device, log, state.step)
+                stopping = stop_requested(stop)
+                if stopping or (cfg["ckpt_every"] and state.step % cfg["ckpt_every"] == 0):
+                    save_on_main(path, model, optimizer, state, cfg, classes)
+                if stopping:
+                    log(f"signal {stop.signal or 'on another rank'}: checkpoint saved at step {state.step} in "
+                        f"{path}; continue with --resume {run_dir.parent if run_dir.name in classes else run_dir}")
+                    raise SystemExit(128 + (stop.signal or signal.SIGTERM))
     progress.close()
-    log(f"step {state.step}: evaluating")
-    state.results = evaluate(model, test_sets, cfg, device, log)
-    save_training(path, model, optimizer, state, cfg, classes, finished=True)
+    state.results = evaluate_on_main(model, test_sets, cfg, device, log, state.step)
+    save_on_main(path, model, optimizer, state, cfg, classes, finished=True)
+    if isinstance(data, FeatureCache):
+        shutil.rmtree(run_dir / "feature_cache", ignore_errors=True)
     return state.results
+
+
+def stop_requested(stop: StopRequest) -> bool:
+    """True on every process as soon as any of them received SIGTERM/SIGINT."""
+    flag = torch.tensor(float(stop.signal is not None))
+    return bool(mean_over_ranks(flag) > 0) if world_size() > 1 else stop.signal is not None
+
+
+def evaluate_on_main(model: Dinomaly, test_sets: dict[str, TestSet], cfg: dict, device: torch.device,
+                     log: RunLog, step: int) -> Optional[EvaluationResult]:
+    """Rank 0 evaluates (results identical to a single process) while the others wait."""
+    result = None
+    if is_main():
+        log(f"step {step}: evaluating")
+        result = evaluate(model, test_sets, cfg, device, log)
+    barrier()
+    model.train()
+    return result
+
+
+def save_on_main(path: Path, *args, **kwargs) -> None:
+    if is_main():
+        save_training(path, *args, **kwargs)
+    barrier()
+
+
+def cache_dir(cfg: dict) -> Path:
+    return Path(cfg["cache_dir"] or Path(cfg["output_dir"]) / "cache")
 
 
 def parse_run_args(argv: list[str], default_config: str, description: str) -> tuple[dict, argparse.Namespace]:
@@ -214,9 +280,9 @@ def parse_run_args(argv: list[str], default_config: str, description: str) -> tu
 
 def open_run(cfg: dict, args: argparse.Namespace, device: torch.device) -> tuple[Path, RunLog]:
     """Create the run directory (or reopen it with --resume), save the resolved config, start the log."""
-    if args.resume:
-        run_dir = Path(args.resume)
-        log = RunLog(run_dir)
+    if args.resume or not is_main():
+        run_dir = Path(args.resume or Path(cfg["output_dir"]) / cfg["run_name"])
+        log = RunLog(run_dir, enabled=is_main())
         log(f"resuming run {run_dir} on {device}")
         return run_dir, log
     run_dir = create_run_dir(cfg["output_dir"], cfg["run_name"], args.overwrite)
@@ -238,17 +304,29 @@ def finished_result(checkpoint: Optional[dict]) -> Optional[EvaluationResult]:
     return EvaluationResult(checkpoint["results"], checkpoint["defects"], 0, 0.0)
 
 
+def start(argv: list[str], default_config: str, description: str) -> tuple[dict, argparse.Namespace, torch.device]:
+    """Config, options and device of this process (under torchrun, every rank uses rank 0's run name)."""
+    cfg, args = parse_run_args(argv, default_config, description)
+    device = init_distributed(resolve_device(cfg["device"]))
+    if cfg["precision"] == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
+    cfg["run_name"] = broadcast(cfg["run_name"])
+    return cfg, args, device
+
+
 def main(argv: list[str]) -> None:
-    cfg, args = parse_run_args(argv, "mvtec_uni.yaml", __doc__)
-    device = resolve_device(cfg["device"])
+    cfg, args, device = start(argv, "mvtec_uni.yaml", __doc__)
     train_set, test_sets = load_data(cfg, dataset_classes(cfg))
     run_dir, log = open_run(cfg, args, device)
+    barrier()
     log_counts(log, train_set, test_sets)
     checkpoint = previous_checkpoint(run_dir / "checkpoint.pth") if args.resume else None
     result = finished_result(checkpoint) or train(cfg, train_set, test_sets, run_dir, log, device, checkpoint)
-    write_tables(run_dir, result)
-    log("\n" + format_markdown(result.rows))
-    log(f"results written to {run_dir}")
+    if is_main():
+        write_tables(run_dir, result)
+        log("\n" + format_markdown(result.rows))
+        log(f"results written to {run_dir}")
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -1,25 +1,38 @@
-"""Seconds per training step of the recipe, on random images (no data loading), for any config.
+"""Training speed of the recipe's computation against the fast options, side by side.
 
     python benchmarks/train_speed.py --encoder dinov2_vit_small_14 \
         --encoder_weights ../shared/weights/dinov2_vits14_imgfocus.pth \
         --image_size 256 --crop_size 224 --batch_size 8 --device cpu
 
-Accepts every config key as --key value (see configs/mvtec_uni.yaml) plus --steps and --warmup_steps.
-Prints seconds/step, images/s and peak memory.
+Each mode runs in its own process (so peak memory is its own) on random images, without data
+loading, and reports the median seconds per step after warm-up:
+  recipe     fp32, eager, the encoder runs at every step (the reference's computation)
+  bf16       bf16 autocast for encoder and decoder
+  fast       bf16 + cached encoder features (--cache_features): the step runs bottleneck and decoder only
+  fast+compile  the same with torch.compile (only with --with_compile; compiling takes minutes)
+Accepts every config key as --key value (see configs/mvtec_uni.yaml).
 """
+import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from models import build_from_config  # noqa: E402
 from train_uni import build_optimizer, train_step  # noqa: E402
 from utils.config import parse_args  # noqa: E402
-from utils.run import resolve_device, seed_everything  # noqa: E402
+from utils.run import autocast, resolve_device, seed_everything  # noqa: E402
+
+MODES = {"recipe": dict(precision="fp32", compile=False, cached=False),
+         "bf16": dict(precision="bf16", compile=False, cached=False),
+         "fast": dict(precision="bf16", compile=False, cached=True),
+         "fast+compile": dict(precision="bf16", compile=True, cached=True)}
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -28,27 +41,55 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv: list[str]) -> None:
-    cfg, args = parse_args(argv, str(Path(__file__).resolve().parents[1] / "configs" / "mvtec_uni.yaml"), __doc__,
-                           extra=[("--steps", dict(type=int, default=10)),
-                                  ("--warmup_steps", dict(type=int, default=2))])
+def measure(cfg: dict, mode: str, steps: int, warmup: int) -> dict:
+    """Seconds per step of one mode, in this process."""
+    options = MODES[mode]
+    cfg = {**cfg, "precision": options["precision"]}
     device = resolve_device(cfg["device"])
     seed_everything(cfg["seed"])
     model = build_from_config(cfg).to(device).train()
+    if options["compile"]:
+        for block in [*model.encoder.blocks, *model.decoder]:
+            block.compile()
     optimizer = build_optimizer(model, cfg)
-    images = torch.randn(cfg["batch_size"], 3, cfg["crop_size"], cfg["crop_size"], device=device)
+    inputs = torch.randn(cfg["batch_size"], 3, cfg["crop_size"], cfg["crop_size"], device=device)
+    if options["cached"]:
+        with autocast(device, cfg["precision"]):
+            inputs = model.encode(inputs)  # what the feature cache hands to every later step
     times = []
-    for it in range(args.warmup_steps + args.steps):
+    for it in range(warmup + steps):
         start = time.perf_counter()
-        train_step(model, optimizer, images, it + 1000, cfg["lr"], cfg)  # past the ramp: p = 0.9
+        train_step(model, optimizer, inputs, it + 1000, cfg["lr"], cfg)  # past the ramp: p = 0.9
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    per_step = sorted(times[args.warmup_steps:])[len(times[args.warmup_steps:]) // 2]
-    print(f"encoder {cfg['encoder']}  crop {cfg['crop_size']}  batch {cfg['batch_size']}  device {device} "
-          f"({torch.get_num_threads()} threads)")
-    print(f"median over {args.steps} steps: {per_step:.3f} s/step   {cfg['batch_size'] / per_step:.1f} images/s   "
-          f"peak memory {peak_memory_mib(device):.0f} MiB")
+    per_step = sorted(times[warmup:])[steps // 2]
+    return {"mode": mode, "s_per_step": per_step, "peak_mib": peak_memory_mib(device), "device": str(device),
+            "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str]) -> None:
+    extra = [("--steps", dict(type=int, default=10)), ("--warmup_steps", dict(type=int, default=2)),
+             ("--with_compile", dict(action="store_true")), ("--only_mode", dict(choices=list(MODES)))]
+    cfg, args = parse_args(argv, str(ROOT / "configs" / "mvtec_uni.yaml"), __doc__, extra=extra)
+    if args.only_mode:
+        print("RESULT " + json.dumps(measure(cfg, args.only_mode, args.steps, args.warmup_steps)), flush=True)
+        return
+    modes = [m for m in MODES if m != "fast+compile" or args.with_compile]
+    results = []
+    for mode in modes:
+        child = subprocess.run([sys.executable, __file__, *argv, "--only_mode", mode], capture_output=True, text=True)
+        line = next((l for l in child.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"mode {mode} failed:\n{child.stderr[-3000:]}")
+        results.append(json.loads(line[len("RESULT "):]))
+    recipe = results[0]
+    print(f"encoder {cfg['encoder']}  crop {cfg['crop_size']}  batch {cfg['batch_size']}  device {recipe['device']} "
+          f"({recipe['threads']} threads), median of {args.steps} steps")
+    print(f"{'mode':<14}{'s/step':>9}{'images/s':>10}{'peak MiB':>10}{'speed-up':>10}{'memory':>8}")
+    for r in results:
+        print(f"{r['mode']:<14}{r['s_per_step']:>9.3f}{cfg['batch_size'] / r['s_per_step']:>10.1f}{r['peak_mib']:>10.0f}"
+              f"{recipe['s_per_step'] / r['s_per_step']:>9.2f}x{r['peak_mib'] / recipe['peak_mib']:>7.0%}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -128,11 +129,19 @@ class TrainSet(Dataset):
         self.class_names = list(images_by_class)
         self.samples = [(path, i) for i, name in enumerate(self.class_names) for path in images_by_class[name]]
         self.transform = image_transform(image_size, crop_size)
+        self.cache = None
+
+    def use_cache(self, cache) -> None:
+        """Read resized uint8 pixels from `cache` (N x S x S x 3) instead of decoding files."""
+        self.cache = cache
+        self.transform = self.transform.__class__(self.transform.transforms[1:])  # drop the Resize
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.cache is not None:
+            return self.transform(np.array(self.cache[index])), index  # a copy: the cache may be read-only
         return self.transform(load_image(self.samples[index][0])), index
 
 

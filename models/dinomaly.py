@@ -4,7 +4,7 @@ The decoder reconstructs two groups of encoder layers; the cosine distance betwe
 the decoder's group features is the anomaly map.
 """
 from functools import partial
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -128,27 +128,39 @@ class Dinomaly(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of the target blocks; blocks past the last target layer never run."""
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The frozen half: (bottleneck input B x T x C, encoder group maps B x C x h x w each).
+
+        Blocks past the last target layer never run. Both outputs depend only on the image, so they
+        can be cached (--cache_features)."""
         x = self.encoder.prepare_tokens(images)
-        features = []
+        layers = []
         for i, block in enumerate(self.encoder.blocks[: self.target_layers[-1] + 1]):
             x = block(x)
             if i in self.target_layers:
-                features.append(x)
-        return features
+                layers.append(x)
+        grid = (images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size)
+        groups = [self._to_map(_mean([layers[i] for i in group]), grid) for group in self.fuse_layer_encoder]
+        return _mean(layers), groups
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        en_layers = self.encode(images)
-        x = self.bottleneck(_mean(en_layers))
-        de_layers = []
+    def decode(self, fused: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+        """The trained half: bottleneck and decoder, grouped in reverse block order like the encoder."""
+        x = self.bottleneck(fused)
+        layers = []
         for block in self.decoder:
             x = block(x)
-            de_layers.append(x)
-        de_layers = de_layers[::-1]
-        en = [_mean([en_layers[i] for i in group]) for group in self.fuse_layer_encoder]
-        de = [_mean([de_layers[i] for i in group]) for group in self.fuse_layer_decoder]
-        h, w = images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size
-        strip = self.encoder.num_prefix_tokens
-        to_map = lambda t: t[:, strip:].transpose(1, 2).reshape(t.shape[0], -1, h, w).contiguous()
-        return [to_map(t) for t in en], [to_map(t) for t in de]
+            layers.append(x)
+        layers = layers[::-1]
+        return [self._to_map(_mean([layers[i] for i in group]), grid) for group in self.fuse_layer_decoder]
+
+    def _to_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Strip CLS and register tokens; B x (h*w) x C -> B x C x h x w."""
+        patches = tokens[:, self.encoder.num_prefix_tokens:]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid).contiguous()
+
+    def forward(self, inputs: Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """inputs: images B x 3 x H x W, or the (bottleneck input, encoder group maps) that `encode`
+        returned for them earlier (cached features)."""
+        fused, en = self.encode(inputs) if isinstance(inputs, torch.Tensor) else inputs
+        return en, self.decode(fused, tuple(en[0].shape[-2:]))

@@ -26,6 +26,8 @@ SCHEMA: dict[str, Any] = {
     # evaluation
     "eval_every": int, "max_ratio": float, "map_size": int, "map_sigma": float, "gt_threshold": float,
     "aupro_thresholds": int, "aupro_fpr_limit": float,
+    # speed (none of them changes what is computed, beyond bf16/fp16 rounding)
+    "precision": str, "compile": bool, "image_cache": str, "cache_features": str, "cache_dir": Optional[str],
     # reliability
     "ckpt_every": int, "max_bad_steps": int, "spike_factor": float, "spike_rollback": bool,
     # run
@@ -37,6 +39,9 @@ CHOICES = {
     "attention": ("linear", "softmax"),
     "sampler": ("uniform", "class_balanced"),
     "realiad_split": ("mv", "sv"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "image_cache": ("none", "memory", "disk"),
+    "cache_features": ("none", "memory", "disk"),
 }
 POSITIVE = ("image_size", "crop_size", "batch_size", "decoder_depth", "total_iters", "lr",
             "aupro_thresholds", "map_size", "grad_clip", "max_bad_steps")

@@ -4,6 +4,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .distributed import gather_cat
+
 
 def hard_mining_p(it: int, p_final: float = 0.9, ramp_iters: int = 1000) -> float:
     """Share of positions treated as 'easy': 0 at the first step, rising linearly to p_final."""
@@ -12,9 +14,11 @@ def hard_mining_p(it: int, p_final: float = 0.9, ramp_iters: int = 1000) -> floa
 
 def _scale_easy_gradients(decoder_map: torch.Tensor, distance: torch.Tensor, p: float, factor: float) -> None:
     """Multiply the gradient reaching `decoder_map` by `factor` wherever the distance is below the
-    k-th largest distance, k = int(numel * (1 - p)): training focuses on the hardest positions."""
-    k = max(int(distance.numel() * (1 - p)), 1)
-    threshold = torch.topk(distance.reshape(-1), k=k).values[-1]
+    k-th largest distance, k = int(numel * (1 - p)): training focuses on the hardest positions.
+    Under torchrun the distances of the whole global batch set the threshold."""
+    everywhere = gather_cat(distance)
+    k = max(int(everywhere.numel() * (1 - p)), 1)
+    threshold = torch.topk(everywhere.reshape(-1), k=k).values[-1]
     scale = torch.where(distance < threshold, factor, 1.0).to(decoder_map.dtype)
     decoder_map.register_hook(lambda grad: grad * scale)
 

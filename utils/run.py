@@ -47,12 +47,15 @@ def default_run_name(config_path: str) -> str:
 
 
 class RunLog:
-    """Prints a line and appends it to <run_dir>/log.txt."""
+    """Prints a line and appends it to <run_dir>/log.txt (silent when not enabled: ranks other than 0)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = Path(run_dir) / "log.txt"
+        self.enabled = enabled
 
     def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
         print(message, flush=True)
         with open(self.path, "a") as f:
             f.write(message + "\n")
@@ -79,3 +82,11 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the encoder and decoder; fp32 (the recipe) disables it."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
