@@ -11,10 +11,10 @@ results.csv / results.md with one row per class and the mean, plus results_per_d
 import sys
 
 from datasets import dataset_classes
-from train_uni import (USER_ERRORS, finished_result, load_data, log_counts, open_run, previous_checkpoint, start,
-                       train)
-from utils.distributed import barrier, is_main, shutdown
-from utils.evaluation import EvaluationResult, format_markdown, write_tables
+from train_uni import (USER_ERRORS, finish, finished_result, load_data, log_counts, open_run, previous_checkpoint,
+                       start, train)
+from utils.distributed import barrier, is_main
+from utils.evaluation import EvaluationResult, write_tables
 
 
 def main(argv: list[str]) -> None:
@@ -36,10 +36,8 @@ def main(argv: list[str]) -> None:
         if is_main():
             combined.rows.update(result.rows)
             combined.defects += result.defects
-            write_tables(run_dir, combined)
-    log("\n" + format_markdown(combined.rows))
-    log(f"results written to {run_dir}")
-    shutdown()
+            write_tables(run_dir, combined)  # the table so far, after every class
+    finish(run_dir, combined, log)
 
 
 if __name__ == "__main__":

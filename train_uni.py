@@ -3,6 +3,8 @@
     python train_uni.py --data_path ../mvtec_anomaly_detection
     python train_uni.py --config configs/visa_uni.yaml --data_path ../VisA_pytorch/1cls
     python train_uni.py --total_iters 200 --encoder dinov2reg_vit_small_14 --device cpu   # any key
+    python train_uni.py --resume runs/mvtec_uni_20260101_120000                          # continue a run
+    torchrun --nproc_per_node=4 train_uni.py --data_path ../mvtec_anomaly_detection      # several GPUs
 
 Every key of the YAML config can be overridden as --key value. A run writes, under
 <output_dir>/<run_name>/: config.yaml, log.txt, results.csv / results.md (the per-class table),
@@ -322,6 +324,11 @@ def main(argv: list[str]) -> None:
     log_counts(log, train_set, test_sets)
     checkpoint = previous_checkpoint(run_dir / "checkpoint.pth") if args.resume else None
     result = finished_result(checkpoint) or train(cfg, train_set, test_sets, run_dir, log, device, checkpoint)
+    finish(run_dir, result, log)
+
+
+def finish(run_dir: Path, result: EvaluationResult, log: RunLog) -> None:
+    """Rank 0 writes the tables and prints the per-class table; every process leaves the group."""
     if is_main():
         write_tables(run_dir, result)
         log("\n" + format_markdown(result.rows))

@@ -131,6 +131,15 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: st
     module.load_state_dict(state_dict, strict=True)
 
 
+def load_weights_file(path: Path, what: str, error: type = RuntimeError):
+    """torch.load of a file a user hands us: weights_only=True, and an unreadable file is `error` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as failure:
+        reason = str(failure).strip().splitlines()[0]
+        raise error(f"could not read {what} {path} (not a checkpoint, or corrupt): {reason}") from None
+
+
 def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional[str] = None,
                  verbose: bool = True) -> DinoVisionTransformer:
     """Build encoder `name` and load its weights.
@@ -146,11 +155,7 @@ def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional
     path = Path(weights).expanduser() if weights else resolve_weights(name, weights_dir)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights not found: {path}")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0]
-        raise RuntimeError(f"could not read encoder weights {path} (not a checkpoint, or corrupt): {reason}") from None
+    state_dict = load_weights_file(path, "encoder weights")
     if not isinstance(state_dict, dict):
         raise RuntimeError(f"{path} holds a {type(state_dict).__name__}, expected a state dict in Meta's layout")
     load_state_dict_strict(encoder, state_dict, f"encoder weights {path} (for '{name}')")

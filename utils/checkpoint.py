@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from models import Dinomaly, build_from_config, load_state_dict_strict
+from models.encoders import load_weights_file
 from .config import validate
 
 FORMAT = "dinomaly-checkpoint-v1"
@@ -35,11 +36,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         path = path / "checkpoint.pth"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"could not read checkpoint {path} (not a checkpoint, or corrupt): {reason}") from None
+    checkpoint = load_weights_file(path, "checkpoint", CheckpointError)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a Dinomaly checkpoint of this repository (format {FORMAT})")
     validate(checkpoint["config"], f"config saved in {path}")
