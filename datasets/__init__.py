@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from . import mvtec, realiad
-from .mvtec import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, list_images, load_image
+from .mvtec import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image
 
 CLASSES = {
     "mvtec": ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
@@ -49,4 +49,4 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
 
 
 __all__ = ["CLASSES", "IMG_EXTENSIONS", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
-           "build_train_set", "check_files", "dataset_classes", "list_images", "load_image"]
+           "build_train_set", "check_files", "dataset_classes", "load_image"]
