@@ -145,10 +145,10 @@ def rollback(path: Path, model: Dinomaly, optimizer: StableAdamW, state: TrainSt
     return restored
 
 
-def train_loader(data: Dataset, cfg: dict, state: TrainState, device: torch.device) -> DataLoader:
-    """This process's share of the batches of steps state.step..total_iters-1; its own generator keeps
-    the global RNG untouched."""
-    class_ids = [i for _, i in data.samples] if cfg["sampler"] == "class_balanced" else None
+def train_loader(data: Dataset, class_ids: Optional[list[int]], cfg: dict, state: TrainState,
+                 device: torch.device) -> DataLoader:
+    """This process's share of the batches of steps state.step..total_iters-1 (class-balanced when
+    `class_ids` is given); its own generator keeps the global RNG untouched."""
     sampler = StepBatchSampler(len(data), cfg["batch_size"], cfg["total_iters"], cfg["seed"] + 1000 * state.reshuffles,
                                start_step=state.step, class_ids=class_ids, rank=rank(), world_size=world_size())
     workers = 0 if isinstance(data, FeatureCache) else cfg["num_workers"]
@@ -185,6 +185,7 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
         attach_image_cache(train_set, cfg["image_cache"], cache_dir(cfg), cfg["image_size"], log)
     if cfg["cache_features"] != "none":
         data = FeatureCache(model, train_set, cfg, device, cfg["cache_features"], run_dir / "feature_cache", log)
+    class_ids = [i for _, i in train_set.samples] if cfg["sampler"] == "class_balanced" else None
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
     schedule = warmup_cosine_schedule(cfg["lr"], cfg["final_lr"], total, cfg["warmup_iters"])
@@ -194,7 +195,7 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
     model.train()
     with StopRequest() as stop:
         while state.step < total:
-            for inputs, indices in train_loader(data, cfg, state, device):
+            for inputs, indices in train_loader(data, class_ids, cfg, state, device):
                 lr = lr_at(schedule, state.step, cfg["final_lr"])
                 loss, finite = train_step(net, optimizer, to_device(inputs, device), state.step, lr, cfg, scaler)
                 verdict = guard.check(loss, finite)

@@ -95,6 +95,12 @@ def test_training_with_cached_features_matches_recomputing_them(synthetic_data, 
         torch.testing.assert_close(cached[key], plain[key], rtol=1e-5, atol=1e-6)
 
 
+def test_class_balanced_sampler_works_with_cached_features(synthetic_data, tiny_weights, tmp_path):
+    run_script("train_uni.py", tiny_run_args(synthetic_data, tiny_weights, tmp_path, total_iters=4, warmup_iters=1,
+                                             sampler="class_balanced", cache_features="memory"))
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["step"] == 4
+
+
 def test_fp16_needs_cuda(synthetic_data, tiny_weights, tmp_path):
     result = run_script("train_uni.py", tiny_run_args(synthetic_data, tiny_weights, tmp_path, precision="fp16"),
                         check=False)
