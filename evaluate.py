@@ -12,7 +12,6 @@ results_per_defect.csv, eval_config.yaml, log.txt and maps/<class>/*.png.
 """
 import argparse
 import datetime
-import resource
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from datasets import DatasetLayoutError, TestSet, build_test_set
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, add_config_flags, collect_overrides, dump, parse_known, validate
 from utils.evaluation import ClassOutputs, EvaluationResult, evaluate, format_markdown, write_tables
-from utils.run import RunLog, resolve_device
+from utils.run import RunLog, peak_memory_mib, resolve_device
 from utils.visualize import save_panel, to_display_image
 
 EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "device", "batch_size", "num_workers",
@@ -59,11 +58,6 @@ def map_saver(out_dir: Path, count: int, cfg: dict):
                        outputs.maps[i].cpu().numpy(), vmin, vmax, outputs.masks[i].cpu().numpy(), title)
     return save
 
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str]) -> None:

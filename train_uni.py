@@ -128,10 +128,15 @@ def restore_training(checkpoint: dict, model: Dinomaly, optimizer: StableAdamW) 
     load_trainable(model, checkpoint["model"], f"checkpoint {checkpoint['path']}")
     optimizer.load_state_dict(checkpoint["optimizer"])
     restore_rng(checkpoint["rng"])
-    results = checkpoint["results"]
-    return TrainState(checkpoint["step"], checkpoint["reshuffles"],
-                      EvaluationResult(results, checkpoint["defects"], 0, 0.0) if results else None,
+    return TrainState(checkpoint["step"], checkpoint["reshuffles"], saved_results(checkpoint),
                       list(checkpoint["losses"]))
+
+
+def saved_results(checkpoint: dict) -> Optional[EvaluationResult]:
+    """The last evaluation stored in a checkpoint (None if it has none yet)."""
+    if not checkpoint["results"]:
+        return None
+    return EvaluationResult(checkpoint["results"], checkpoint["defects"], images=0, seconds=0.0)
 
 
 def rollback(path: Path, model: Dinomaly, optimizer: StableAdamW, state: TrainState, log: RunLog) -> TrainState:
@@ -302,9 +307,8 @@ def previous_checkpoint(path: Path) -> Optional[dict]:
 
 
 def finished_result(checkpoint: Optional[dict]) -> Optional[EvaluationResult]:
-    if checkpoint is None or not checkpoint["finished"]:
-        return None
-    return EvaluationResult(checkpoint["results"], checkpoint["defects"], 0, 0.0)
+    """The results of a model whose training already finished, else None."""
+    return saved_results(checkpoint) if checkpoint is not None and checkpoint["finished"] else None
 
 
 def start(argv: list[str], default_config: str, description: str) -> tuple[dict, argparse.Namespace, torch.device]:

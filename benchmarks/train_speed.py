@@ -13,7 +13,6 @@ loading, and reports the median seconds per step after warm-up:
 Accepts every config key as --key value (see configs/mvtec_uni.yaml).
 """
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -27,18 +26,13 @@ sys.path.insert(0, str(ROOT))
 from models import build_from_config  # noqa: E402
 from train_uni import build_optimizer, train_step  # noqa: E402
 from utils.config import parse_args  # noqa: E402
-from utils.run import autocast, resolve_device, seed_everything  # noqa: E402
+from utils.run import autocast, peak_memory_mib, resolve_device, seed_everything  # noqa: E402
 
 MODES = {"recipe": dict(precision="fp32", compile=False, cached=False),
          "bf16": dict(precision="bf16", compile=False, cached=False),
          "fast": dict(precision="bf16", compile=False, cached=True),
          "fast+compile": dict(precision="bf16", compile=True, cached=True)}
 
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(cfg: dict, mode: str, steps: int, warmup: int) -> dict:

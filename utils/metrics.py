@@ -3,16 +3,23 @@
 Everything rests on one idea: sort the scores once (or bin them once, for AUPRO) and read every
 threshold's counts off cumulative sums, instead of re-thresholding the data per threshold.
 """
-from typing import Optional
-
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import numpy as np
 import scipy.ndimage
 import torch
 
 METRIC_NAMES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+
+
+def _per_core(function: Callable[[np.ndarray], np.ndarray], values: np.ndarray) -> list[np.ndarray]:
+    """`function` on one chunk of `values` per core (at least a million values each), in threads:
+    numpy releases the GIL in sorting and in element-wise work."""
+    parts = np.array_split(values, max(1, min(os.cpu_count() or 1, len(values) // 1_000_000)))
+    with ThreadPoolExecutor(len(parts)) as pool:
+        return list(pool.map(function, parts))
 
 
 class SortedScores:
@@ -28,9 +35,7 @@ class SortedScores:
         if scores.device.type != "cpu":
             self.chunks = [torch.sort(scores).values]
             return
-        parts = np.array_split(scores.numpy(), max(1, min(os.cpu_count() or 1, self.size // 1_000_000)))
-        with ThreadPoolExecutor(len(parts)) as pool:
-            self.chunks = [torch.from_numpy(c) for c in pool.map(np.sort, parts)]
+        self.chunks = [torch.from_numpy(c) for c in _per_core(np.sort, scores.numpy())]
 
     def count(self, values: torch.Tensor, side: str) -> torch.Tensor:
         """Per value, the number of scores < value (side 'left') or <= value (side 'right'), as float64."""
@@ -123,9 +128,7 @@ def _bin_counts(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
             hist += np.bincount(b, minlength=k + 2)
         return hist
 
-    parts = np.array_split(v, max(1, min(os.cpu_count() or 1, len(v) // 1_000_000)))
-    with ThreadPoolExecutor(len(parts)) as pool:
-        return torch.from_numpy(sum(pool.map(histogram, parts))[:k + 1])
+    return torch.from_numpy(sum(_per_core(histogram, v))[:k + 1])
 
 
 def _counts_above(hist: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 import datetime
 import os
 import random
+import resource
 import shutil
 import signal
 from pathlib import Path
@@ -82,6 +83,13 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def autocast(device: torch.device, precision: str):
