@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from datasets import DatasetLayoutError, TestSet, build_test_set
+from models import input_normalization
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, add_config_flags, collect_overrides, dump, parse_known, validate
 from utils.evaluation import ClassOutputs, EvaluationResult, evaluate, format_markdown, write_tables
-from utils.run import RunLog, peak_memory_mib, resolve_device
+from utils.device import peak_memory_mib, resolve_device
+from utils.run_setup import RunLog
 from utils.visualize import save_panel, to_display_image
 
 EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "device", "batch_size", "num_workers",
@@ -52,7 +53,7 @@ def map_saver(out_dir: Path, count: int, cfg: dict):
         vmin, vmax = float(outputs.maps.min()), float(outputs.maps.max())
         for i in np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)):
             sample = dataset.samples[i]
-            rgb = to_display_image(dataset[i][0], cfg["map_size"])
+            rgb = to_display_image(dataset[i][0], cfg["map_size"], *input_normalization(cfg))
             title = f"{sample.defect}/{sample.image.name}  score {float(outputs.scores[i]):.4f}"
             save_panel(out_dir / "maps" / name / f"{sample.defect}_{sample.image.stem}.png", rgb,
                        outputs.maps[i].cpu().numpy(), vmin, vmax, outputs.masks[i].cpu().numpy(), title)

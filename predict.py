@@ -17,10 +17,11 @@ import torch
 
 from datasets import IMG_EXTENSIONS, load_image
 from datasets.transforms import image_transform
+from models import input_normalization
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, add_config_flags, collect_overrides, parse_known, validate
 from utils.evaluation import predict_maps
-from utils.run import resolve_device
+from utils.device import resolve_device
 from utils.visualize import save_panel, to_display_image
 
 PREDICT_KEYS = ("device", "batch_size", "encoder_weights", "weights_dir", "max_ratio")
@@ -87,7 +88,8 @@ def main(argv: list[str]) -> int:
     paths = find_images(root)
     device = resolve_device(cfg["device"])
     model = model_from_checkpoint(checkpoint, cfg).to(device).eval()
-    transform = image_transform(cfg["image_size"], cfg["crop_size"])
+    normalization = input_normalization(cfg)
+    transform = image_transform(cfg["image_size"], cfg["crop_size"], *normalization)
     scale = colour_scale(checkpoint, args.class_name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,7 @@ def main(argv: list[str]) -> int:
             if not args.no_heatmaps:
                 vmin, vmax = scale or (float(amap.min()), float(amap.max()))
                 verdict = "" if threshold is None else ("  ANOMALOUS" if score >= threshold else "  normal")
-                save_panel(out / "heatmaps" / output_name(path, root), to_display_image(image, cfg["map_size"]),
+                save_panel(out / "heatmaps" / output_name(path, root), to_display_image(image, cfg["map_size"], *normalization),
                            amap, vmin, vmax, title=f"{path.name}  score {score:.4f}{verdict}")
 
     with open(out / "scores.csv", "w", newline="") as f:

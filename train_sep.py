@@ -10,17 +10,18 @@ results.csv / results.md with one row per class and the mean, plus results_per_d
 """
 import sys
 
-from datasets import dataset_classes
-from train_uni import (USER_ERRORS, finish, finished_result, load_data, log_counts, open_run, previous_checkpoint,
-                       start, train)
+from datasets import count_lines, dataset_classes, load_data
+from train_uni import train
+from utils.checkpoint import finished_result, previous_checkpoint
 from utils.distributed import barrier, is_main
 from utils.evaluation import EvaluationResult, write_tables
+from utils.run_setup import USER_ERRORS, finish, open_run, start
 
 
 def main(argv: list[str]) -> None:
-    cfg, args, device = start(argv, "mvtec_sep.yaml", __doc__)
+    cfg, args, device, notes = start(argv, "mvtec_sep.yaml", __doc__)
     data = {name: load_data(cfg, [name]) for name in dataset_classes(cfg)}
-    run_dir, log = open_run(cfg, args, device)
+    run_dir, log = open_run(cfg, args, device, notes)
     barrier()
     combined = EvaluationResult(rows={}, defects=[], images=0, seconds=0.0)
     for i, (name, (train_set, test_sets)) in enumerate(data.items()):
@@ -29,7 +30,8 @@ def main(argv: list[str]) -> None:
         result = finished_result(checkpoint)
         log(f"=== class {i + 1}/{len(data)}: {name}" + (" (finished earlier)" if result else ""))
         if result is None:
-            log_counts(log, train_set, test_sets)
+            for line in count_lines(train_set, test_sets):
+                log(line)
             class_dir.mkdir(exist_ok=True)
             barrier()
             result = train(cfg, train_set, test_sets, class_dir, log, device, checkpoint)

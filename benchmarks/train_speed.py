@@ -23,10 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import build_from_config  # noqa: E402
+from models import build_model  # noqa: E402
 from train_uni import build_optimizer, train_step  # noqa: E402
 from utils.config import parse_args  # noqa: E402
-from utils.run import autocast, peak_memory_mib, resolve_device, seed_everything  # noqa: E402
+from utils.device import autocast, peak_memory_mib, resolve_device  # noqa: E402
+from utils.rng import seed_everything  # noqa: E402
 
 MODES = {"recipe": dict(precision="fp32", compile=False, cached=False),
          "bf16": dict(precision="bf16", compile=False, cached=False),
@@ -41,7 +42,7 @@ def measure(cfg: dict, mode: str, steps: int, warmup: int) -> dict:
     cfg = {**cfg, "precision": options["precision"]}
     device = resolve_device(cfg["device"])
     seed_everything(cfg["seed"])
-    model = build_from_config(cfg).to(device).train()
+    model = build_model(cfg).to(device).train()
     if options["compile"]:
         for block in [*model.encoder.blocks, *model.decoder]:
             block.compile()

@@ -1,8 +1,10 @@
 """Datasets chosen by the config's `dataset` key; all but Real-IAD use the MVTec AD folder layout."""
+from collections import Counter
 from pathlib import Path
 
-from . import mvtec, realiad
-from .mvtec import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image
+from models import input_normalization
+from . import folder, realiad
+from .folder import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image
 
 CLASSES = {
     "mvtec": ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
@@ -35,8 +37,8 @@ def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
     if cfg["dataset"] == "realiad":
         images = {name: realiad.train_images(root, name, cfg["realiad_split"]) for name in class_names}
     else:
-        images = {name: mvtec.train_images(root, name) for name in class_names}
-    return TrainSet(images, cfg["image_size"], cfg["crop_size"])
+        images = {name: folder.train_images(root, name) for name in class_names}
+    return TrainSet(images, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg))
 
 
 def build_test_set(cfg: dict, class_name: str) -> TestSet:
@@ -44,9 +46,28 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
     if cfg["dataset"] == "realiad":
         samples = realiad.list_test_samples(root, class_name, cfg["realiad_split"])
     else:
-        samples = mvtec.list_test_samples(root, class_name)
-    return TestSet(samples, cfg["image_size"], cfg["crop_size"])
+        samples = folder.list_test_samples(root, class_name)
+    return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg))
+
+
+def load_data(cfg: dict, class_names: list[str]) -> tuple[TrainSet, dict[str, TestSet]]:
+    """Training images of all `class_names` and one test set per class; the layout and every file header
+    are checked here, before any run directory or model exists."""
+    train_set = build_train_set(cfg, class_names)
+    test_sets = {name: build_test_set(cfg, name) for name in class_names}
+    check_files([path for path, _ in train_set.samples], [s for t in test_sets.values() for s in t.samples])
+    return train_set, test_sets
+
+
+def count_lines(train_set: TrainSet, test_sets: dict[str, TestSet]) -> list[str]:
+    """One line per class: training images, normal and anomalous test images."""
+    train_counts = Counter(train_set.class_names[i] for _, i in train_set.samples)
+    lines = []
+    for name, test_set in test_sets.items():
+        labels = Counter(s.label for s in test_set.samples)
+        lines.append(f"  {name:<14} train {train_counts[name]:5d}   test normal {labels[0]:4d}  anomalous {labels[1]:4d}")
+    return lines
 
 
 __all__ = ["CLASSES", "IMG_EXTENSIONS", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
-           "build_train_set", "check_files", "dataset_classes", "load_image"]
+           "build_train_set", "check_files", "count_lines", "dataset_classes", "load_data", "load_image"]

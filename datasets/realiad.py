@@ -9,7 +9,7 @@ Each JSON holds "train" and "test" lists of entries with image_path, mask_path a
 import json
 from pathlib import Path
 
-from .mvtec import DatasetLayoutError, TestSample
+from .folder import DatasetLayoutError, TestSample
 
 CLASSES = ["audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts", "pcb",
            "phone_battery", "plastic_nut", "plastic_plug", "porcelain_doll", "regulator", "rolled_strip_base",

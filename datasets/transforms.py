@@ -1,13 +1,14 @@
-"""The reference transforms: Resize((448, 448)) bilinear -> ToTensor -> CenterCrop(392) -> ImageNet normalise."""
+"""The reference transforms: Resize((448, 448)) bilinear -> ToTensor -> CenterCrop(392) -> Normalize(mean, std).
+
+mean/std are the encoder's (models.input_normalization); every registered family uses ImageNet's."""
+from typing import Sequence
+
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-def image_transform(image_size: int, crop_size: int) -> T.Compose:
+def image_transform(image_size: int, crop_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.CenterCrop(crop_size),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                      T.Normalize(mean, std)])
 
 
 def mask_transform(image_size: int, crop_size: int) -> T.Compose:

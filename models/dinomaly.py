@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vision_transformer import Attention, DinoVisionTransformer, Mlp
+from .dinov2 import Attention, Mlp
+from .encoder_interface import Encoder
 
 
 class NoisyBottleneck(nn.Module):
@@ -55,7 +56,7 @@ class LinearAttention(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm ViT block, LayerNorm eps 1e-8, no LayerScale, no drop-path, no dropout."""
 
-    def __init__(self, dim: int, num_heads: int, attention: str = "linear", attn_eps: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, attention: str, attn_eps: float):
         super().__init__()
         norm = partial(nn.LayerNorm, eps=1e-8)
         self.norm1 = norm(dim)
@@ -90,12 +91,13 @@ def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class Dinomaly(nn.Module):
-    """`forward(images)` returns (encoder_maps, decoder_maps): one B x C x h x w tensor per group."""
+    """`forward(images)` returns (encoder_maps, decoder_maps): one B x C x h x w tensor per group.
 
-    def __init__(self, encoder: DinoVisionTransformer, target_layers: Sequence[int],
+    The values of every argument live in configs/base.yaml; `models.build_model(cfg)` passes them."""
+
+    def __init__(self, encoder: Encoder, *, target_layers: Sequence[int],
                  fuse_layer_encoder: Sequence[Sequence[int]], fuse_layer_decoder: Sequence[Sequence[int]],
-                 decoder_depth: int = 8, dropout: float = 0.2, attention: str = "linear",
-                 attn_eps: float = 0.0):
+                 decoder_depth: int, dropout: float, attention: str, attn_eps: float):
         super().__init__()
         if sorted(target_layers) != list(target_layers) or target_layers[-1] >= len(encoder.blocks):
             raise ValueError(f"target_layers {list(target_layers)} must be increasing block indices "
@@ -115,6 +117,12 @@ class Dinomaly(nn.Module):
         self.decoder = nn.ModuleList([DecoderBlock(dim, heads, attention, attn_eps) for _ in range(decoder_depth)])
         init_trainable(self.bottleneck)
         init_trainable(self.decoder)
+
+    @classmethod
+    def from_config(cls, encoder: Encoder, cfg: dict) -> "Dinomaly":
+        return cls(encoder, target_layers=cfg["target_layers"], fuse_layer_encoder=cfg["fuse_layer_encoder"],
+                   fuse_layer_decoder=cfg["fuse_layer_decoder"], decoder_depth=cfg["decoder_depth"],
+                   dropout=cfg["dropout"], attention=cfg["attention"], attn_eps=cfg["attn_eps"])
 
     def train(self, mode: bool = True) -> "Dinomaly":
         super().train(mode)

@@ -13,11 +13,11 @@ from prepare_data.make_synthetic import make_dataset  # noqa: E402
 
 
 def meta_state_dict(dim: int, depth: int, registers: int, generator: torch.Generator,
-                    layer_scale: float = 1.0) -> dict[str, torch.Tensor]:
+                    layer_scale: float = 1.0, patch: int = 14, grid: int = 37) -> dict[str, torch.Tensor]:
     """A DINOv2 checkpoint written key by key from RECIPE.md section 1, independent of our model code."""
     rand = lambda *shape, std=0.02: torch.randn(*shape, generator=generator) * std
-    sd = {"cls_token": rand(1, 1, dim), "pos_embed": rand(1, 37 * 37 + 1, dim), "mask_token": rand(1, dim),
-          "patch_embed.proj.weight": rand(dim, 3, 14, 14, std=0.05), "patch_embed.proj.bias": rand(dim)}
+    sd = {"cls_token": rand(1, 1, dim), "pos_embed": rand(1, grid * grid + 1, dim), "mask_token": rand(1, dim),
+          "patch_embed.proj.weight": rand(dim, 3, patch, patch, std=0.05), "patch_embed.proj.bias": rand(dim)}
     if registers:
         sd["register_tokens"] = rand(1, registers, dim)
     for i in range(depth):

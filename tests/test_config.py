@@ -3,15 +3,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import SCHEMA, ConfigError, parse_args
+from utils.config import SCHEMA, ConfigError, load_config, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 UNI = str(ROOT / "configs" / "mvtec_uni.yaml")
 
 
 def test_configs_hold_the_recipe():
-    uni = yaml.safe_load(Path(UNI).read_text())
-    sep = yaml.safe_load((ROOT / "configs" / "mvtec_sep.yaml").read_text())
+    uni = load_config(UNI)
+    sep = load_config(ROOT / "configs" / "mvtec_sep.yaml")
     assert set(uni) == set(SCHEMA) == set(sep)
     assert uni["encoder"] == "dinov2reg_vit_base_14" and uni["target_layers"] == list(range(2, 10))
     assert (uni["image_size"], uni["crop_size"], uni["batch_size"]) == (448, 392, 16)
@@ -46,7 +46,7 @@ def test_bad_values_are_one_line_errors(argv, message):
 
 
 def test_unknown_key_in_file_suggests_closest(tmp_path):
-    cfg = yaml.safe_load(Path(UNI).read_text())
+    cfg = load_config(UNI)
     cfg["total_iter"] = 5
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -62,10 +62,14 @@ def test_unknown_command_line_option_suggests_closest(capsys):
     assert "did you mean '--total_iters'" in capsys.readouterr().err
 
 
-def test_missing_key_and_missing_file(tmp_path):
+def test_missing_key_gets_its_default_with_a_note_and_missing_file_fails(tmp_path, capsys):
     path = tmp_path / "partial.yaml"
-    path.write_text("dataset: mvtec\n")
-    with pytest.raises(ConfigError, match="missing config keys: data_path"):
-        parse_args(["--config", str(path)], UNI, "")
+    path.write_text("dataset: visa\ntotal_iters: 700\n")
+    cfg, _ = parse_args(["--config", str(path)], UNI, "")
+    assert cfg == {**load_config(ROOT / "configs" / "base.yaml"), "dataset": "visa", "total_iters": 700}
+    note = capsys.readouterr().out
+    assert "has no data_path" in note and "data_path='../mvtec_anomaly_detection'" in note
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_args(["--config", str(tmp_path / "none.yaml")], UNI, "")
     with pytest.raises(ConfigError, match="config file not found"):
         parse_args(["--config", str(tmp_path / "none.yaml")], UNI, "")

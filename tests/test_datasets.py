@@ -2,12 +2,11 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from datasets import DatasetLayoutError, TestSet, TrainSet, dataset_classes
-from datasets.mvtec import list_test_samples, train_images
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datasets.folder import list_test_samples, train_images
+from models import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture
@@ -35,14 +34,15 @@ def test_folder_dataset_discovers_classes(data):
 
 
 def test_transforms_match_the_reference_definition(data):
-    train = TrainSet({"stripes": train_images(data, "stripes")}, image_size=64, crop_size=56)
+    train = TrainSet({"stripes": train_images(data, "stripes")}, image_size=64, crop_size=56, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD)
     image, index = train[0]
     pil = Image.open(train.samples[0][0]).convert("RGB").resize((64, 64), Image.BILINEAR)
     array = np.asarray(pil, dtype=np.float32)[4:60, 4:60] / 255
     expected = (array - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     assert index == 0 and image.shape == (3, 56, 56)
     np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), expected, atol=1e-5)
-    test = TestSet(list_test_samples(data, "stripes"), 64, 56)
+    test = TestSet(list_test_samples(data, "stripes"), 64, 56, IMAGENET_MEAN, IMAGENET_STD)
     _, mask, label, _ = test[len(test) - 1]
     assert label == 1 and mask.shape == (1, 56, 56) and mask.max() > 0.5
 
@@ -50,7 +50,7 @@ def test_transforms_match_the_reference_definition(data):
 def test_missing_train_folder_names_path_and_tree(data):
     shutil.rmtree(data / "stripes" / "train")
     with pytest.raises(DatasetLayoutError) as error:
-        TrainSet({"stripes": train_images(data, "stripes")}, 64, 56)
+        TrainSet({"stripes": train_images(data, "stripes")}, 64, 56, IMAGENET_MEAN, IMAGENET_STD)
     assert str(data / "stripes" / "train" / "good") in str(error.value)
     assert "expected layout" in str(error.value)
 
@@ -76,7 +76,7 @@ def test_missing_ground_truth_folder(data):
 def test_unreadable_image_is_named(data):
     bad = data / "stripes" / "train" / "good" / "000.png"
     bad.write_bytes(b"this is not a png")
-    train = TrainSet({"stripes": train_images(data, "stripes")}, 64, 56)
+    train = TrainSet({"stripes": train_images(data, "stripes")}, 64, 56, IMAGENET_MEAN, IMAGENET_STD)
     with pytest.raises(RuntimeError, match=f"cannot decode image {bad}"):
         train[0]
 
@@ -84,7 +84,7 @@ def test_unreadable_image_is_named(data):
 def test_mask_of_another_size_is_named(data):
     mask = data / "stripes" / "ground_truth" / "blob" / "000_mask.png"
     Image.new("L", (50, 50)).save(mask)
-    test = TestSet(list_test_samples(data, "stripes"), 64, 56)
+    test = TestSet(list_test_samples(data, "stripes"), 64, 56, IMAGENET_MEAN, IMAGENET_STD)
     index = next(i for i, s in enumerate(test.samples) if s.mask == mask)
     with pytest.raises(RuntimeError, match=f"mask {mask} is 50x50"):
         test[index]
@@ -94,4 +94,4 @@ def test_empty_class_is_an_error(data):
     for f in (data / "stripes" / "train" / "good").iterdir():
         f.unlink()
     with pytest.raises(DatasetLayoutError, match="no training images in"):
-        TrainSet({"stripes": train_images(data, "stripes")}, 64, 56)
+        TrainSet({"stripes": train_images(data, "stripes")}, 64, 56, IMAGENET_MEAN, IMAGENET_STD)

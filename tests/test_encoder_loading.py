@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import meta_state_dict
-from models import encoders, load_encoder
+from models import load_encoder, registry as encoders
 
 
 @pytest.mark.parametrize("name,registers", [("dinov2_vit_small_14", 0), ("dinov2reg_vit_small_14", 4)])

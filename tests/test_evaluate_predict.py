@@ -98,7 +98,7 @@ def test_predict_fails_when_nothing_is_processed(trained_run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = run_script("predict.py", args + ["--images", empty], check=False)
-    assert result.returncode != 0 and f"no images" in result.stderr and str(empty) in result.stderr
+    assert result.returncode != 0 and "no images" in result.stderr and str(empty) in result.stderr
     result = run_script("predict.py", args + ["--images", only_bad, "--threshold", "f1"], check=False)
     assert result.returncode != 0 and "--threshold f1 needs --class_name, one of: checker, stripes" in result.stderr
 

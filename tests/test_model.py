@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from models import LinearAttention, build_dinomaly, build_encoder
+from models import LinearAttention, build_encoder, build_model
+from utils.config import DEFAULTS
 
 
 def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
@@ -80,7 +80,7 @@ def test_linear_attention_matches_direct_definition():
 def small_model():
     torch.manual_seed(0)
     with pytest.warns(UserWarning):
-        model = build_dinomaly("dinov2reg_vit_small_14", "random")
+        model = build_model({**DEFAULTS, "encoder": "dinov2reg_vit_small_14", "encoder_weights": "random"})
     return model.eval()
 
 
@@ -136,7 +136,7 @@ def test_reference_initialisation_of_trainable_layers(small_model):
 def test_bottleneck_dropout_is_applied_three_times():
     torch.manual_seed(0)
     with pytest.warns(UserWarning):
-        model = build_dinomaly("dinov2_vit_tiny_14", "random", dropout=0.5)
+        model = build_model({**DEFAULTS, "encoder": "dinov2_vit_tiny_14", "encoder_weights": "random", "dropout": 0.5})
     calls = []
     model.bottleneck.drop.register_forward_hook(lambda *a: calls.append(1))
     model.bottleneck(torch.randn(1, 3, 64))
@@ -145,7 +145,9 @@ def test_bottleneck_dropout_is_applied_three_times():
 
 def test_softmax_attention_ablation_builds_and_rejects_unknown():
     with pytest.warns(UserWarning):
-        model = build_dinomaly("dinov2_vit_tiny_14", "random", attention="softmax")
+        model = build_model({**DEFAULTS, "encoder": "dinov2_vit_tiny_14", "encoder_weights": "random",
+                             "attention": "softmax"})
     assert type(model.decoder[0].attn).__name__ == "Attention"
     with pytest.raises(ValueError, match="attention must be"), pytest.warns(UserWarning):
-        build_dinomaly("dinov2_vit_tiny_14", "random", attention="performer")
+        build_model({**DEFAULTS, "encoder": "dinov2_vit_tiny_14", "encoder_weights": "random",
+                     "attention": "performer"})

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import ROOT, run_script
 from datasets import DatasetLayoutError, build_test_set, build_train_set, dataset_classes
 from datasets.sampler import StepBatchSampler
 from prepare_data.prepare_visa import prepare
-from utils.config import load_yaml, validate
+from utils.config import DEFAULTS, load_config, validate
 
 
 def _image(path: Path, value: int, size=(40, 30), mode="RGB") -> None:
@@ -67,7 +66,7 @@ def test_prepare_visa_writes_the_1cls_layout(visa_download, tmp_path):
     assert np.array_equal(written, np.where(original != 0, 255, 0))
     assert (base / "train" / "good" / "0000.JPG").read_bytes() == (visa_download / "candle/Data/Images/Normal/0000.JPG").read_bytes()
 
-    cfg = {"dataset": "visa", "data_path": str(out / "1cls"), "classes": ["candle", "pcb1"], "image_size": 64,
+    cfg = {**DEFAULTS, "dataset": "visa", "data_path": str(out / "1cls"), "classes": ["candle", "pcb1"], "image_size": 64,
            "crop_size": 56, "realiad_split": "mv"}
     assert len(build_train_set(cfg, ["candle", "pcb1"])) == 6
     test = build_test_set(cfg, "pcb1")
@@ -120,7 +119,7 @@ def realiad_root(tmp_path) -> Path:
 
 @pytest.mark.parametrize("split,views", [("mv", 5), ("sv", 1)])
 def test_realiad_loader_counts_labels_and_masks(realiad_root, split, views):
-    cfg = {"dataset": "realiad", "data_path": str(realiad_root), "classes": None, "image_size": 64, "crop_size": 56,
+    cfg = {**DEFAULTS, "dataset": "realiad", "data_path": str(realiad_root), "classes": None, "image_size": 64, "crop_size": 56,
            "realiad_split": split}
     assert len(dataset_classes(cfg)) == 30
     train = build_train_set(cfg, ["audiojack", "usb"])
@@ -135,7 +134,7 @@ def test_realiad_loader_counts_labels_and_masks(realiad_root, split, views):
 
 
 def test_realiad_errors_name_the_file(realiad_root):
-    cfg = {"dataset": "realiad", "data_path": str(realiad_root), "image_size": 64, "crop_size": 56,
+    cfg = {**DEFAULTS, "dataset": "realiad", "data_path": str(realiad_root), "image_size": 64, "crop_size": 56,
            "realiad_split": "mv"}
     missing = realiad_root / "realiad_1024" / "usb" / "AK/S0003/usb_0003_C2.png"
     missing.unlink()
@@ -156,7 +155,7 @@ def test_mpdd_uses_the_mvtec_layout(tmp_path):
         _image(root / cls / "test" / "good" / "000.png", 90)
         _image(root / cls / "test" / "anomalous" / "000.png", 20)
         _mask(root / cls / "ground_truth" / "anomalous" / "000_mask.png", (255,))
-    cfg = {"dataset": "mpdd", "data_path": str(root), "classes": ["tubes", "connector"], "image_size": 64,
+    cfg = {**DEFAULTS, "dataset": "mpdd", "data_path": str(root), "classes": ["tubes", "connector"], "image_size": 64,
            "crop_size": 56, "realiad_split": "mv"}
     assert len(build_train_set(cfg, dataset_classes(cfg))) == 6
     assert [(s.defect, s.label) for s in build_test_set(cfg, "tubes").samples] == [("anomalous", 1), ("good", 0)]
@@ -196,8 +195,8 @@ def test_one_command_per_dataset(visa_download, realiad_root, tiny_weights, tmp_
     ("realiad_sep", dict(dataset="realiad", total_iters=5000, dropout=0.2, eps=1e-10)),
 ])
 def test_configs_hold_each_settings_recipe(name, expected):
-    cfg = validate(load_yaml(ROOT / "configs" / f"{name}.yaml"))
-    mvtec = load_yaml(ROOT / "configs" / "mvtec_uni.yaml")
+    cfg = validate(load_config(ROOT / "configs" / f"{name}.yaml"))
+    mvtec = load_config(ROOT / "configs" / "mvtec_uni.yaml")
     for key, value in expected.items():
         assert cfg[key] == value, key
     same = {k for k in mvtec if k not in ("dataset", "data_path", "total_iters", "dropout", "eps", "eval_every")}

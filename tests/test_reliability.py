@@ -1,5 +1,4 @@
 """Resume that loses nothing, atomic checkpoints, guarded numerics, bad data caught before training."""
-import os
 import shutil
 import signal
 import subprocess
@@ -12,11 +11,11 @@ import torch
 
 import train_uni
 from conftest import ROOT, run_script, tiny_run_args
-from datasets import DatasetLayoutError
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import validate, load_yaml
+from datasets import load_data
+from utils.checkpoint import TrainingDiverged, load_checkpoint, save_checkpoint
+from utils.config import load_config, validate
 from utils.guard import TrainingGuard
-from utils.run import RunLog
+from utils.run_setup import RunLog
 
 RESUMABLE = dict(total_iters=40, warmup_iters=5, ckpt_every=10, eval_every=20)
 
@@ -113,7 +112,7 @@ def test_resume_refuses_to_change_the_recipe_and_names_missing_runs(uninterrupte
 
 
 def _in_process_cfg(data: Path, weights: Path, **overrides) -> dict:
-    cfg = load_yaml(ROOT / "configs" / "mvtec_uni.yaml")
+    cfg = load_config(ROOT / "configs" / "mvtec_uni.yaml")
     cfg.update(dataset="folder", data_path=str(data), encoder="dinov2_vit_tiny_14", encoder_weights=str(weights),
                image_size=128, crop_size=112, batch_size=8, total_iters=30, warmup_iters=5, num_workers=0,
                device="cpu", eval_every=0, ckpt_every=10, classes=["stripes"])
@@ -131,7 +130,7 @@ def _train_with_nan_at(steps: set, cfg: dict, run_dir: Path, monkeypatch):
         return loss * float("nan") if len(calls) in steps else loss
     monkeypatch.setattr(train_uni, "global_cosine_hm", loss_with_nans)
     run_dir.mkdir()
-    train_set, test_sets = train_uni.load_data(cfg, cfg["classes"])
+    train_set, test_sets = load_data(cfg, cfg["classes"])
     return train_uni.train(cfg, train_set, test_sets, run_dir, RunLog(run_dir), torch.device("cpu"))
 
 
@@ -156,14 +155,14 @@ def test_consecutive_bad_steps_roll_back_and_reshuffle(synthetic_data, tiny_weig
 
 def test_divergence_before_any_checkpoint_is_a_clear_error(synthetic_data, tiny_weights, tmp_path, monkeypatch):
     cfg = _in_process_cfg(synthetic_data, tiny_weights, max_bad_steps=2)
-    with pytest.raises(train_uni.TrainingDiverged, match="before the first checkpoint"):
+    with pytest.raises(TrainingDiverged, match="before the first checkpoint"):
         _train_with_nan_at({1, 2}, cfg, tmp_path / "run", monkeypatch)
 
 
 def test_nan_images_change_no_weight(tiny_weights):
     cfg = _in_process_cfg(Path("."), tiny_weights)
     torch.manual_seed(0)
-    model = train_uni.build_from_config(cfg).train()
+    model = train_uni.build_model(cfg).train()
     optimizer = train_uni.build_optimizer(model, cfg)
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     loss, finite = train_uni.train_step(model, optimizer, torch.full((2, 3, 56, 56), float("nan")), 5, 1e-3, cfg)

@@ -4,21 +4,19 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, run_script, tiny_run_args
 from datasets import build_train_set
-from datasets.cache import attach_image_cache
-from models import build_from_config
-from utils.config import load_yaml, validate
-from utils.feature_cache import FeatureCache
-from utils.run import autocast
+from datasets.caches import FeatureCache, attach_image_cache
+from models import build_model
+from utils.config import load_config, validate
+from utils.device import autocast
 
 
 def _cfg(data, weights, **overrides) -> dict:
-    cfg = load_yaml(ROOT / "configs" / "mvtec_uni.yaml")
+    cfg = load_config(ROOT / "configs" / "mvtec_uni.yaml")
     cfg.update(dataset="folder", data_path=str(data), encoder="dinov2_vit_tiny_14", encoder_weights=str(weights),
                image_size=128, crop_size=112, batch_size=4, num_workers=0, device="cpu", classes=["stripes"])
     cfg.update(overrides)
@@ -71,7 +69,7 @@ def test_image_cache_gives_bit_identical_inputs(synthetic_data, tiny_weights, tm
 def test_feature_cache_holds_the_encoder_outputs(synthetic_data, tiny_weights, tmp_path, precision, mode):
     cfg = _cfg(synthetic_data, tiny_weights, precision=precision)
     torch.manual_seed(0)
-    model = build_from_config(cfg).eval()
+    model = build_model(cfg).eval()
     train_set = build_train_set(cfg, ["stripes"])
     cache = FeatureCache(model, train_set, cfg, torch.device("cpu"), mode, tmp_path / "features")
     for i in (0, 5, len(train_set) - 1):

@@ -1,21 +1,29 @@
-"""Checkpoints: written atomically, read with weights_only=True, checked against the architecture."""
+"""Checkpoints, resume and rollback: written atomically, read with weights_only=True, checked against
+the architecture. A resumable checkpoint holds everything a step depends on; the finished one keeps
+only what evaluation and prediction need."""
 import os
-import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
-from models import Dinomaly, build_from_config, load_state_dict_strict
-from models.encoders import load_weights_file
+from models import Dinomaly, build_model, load_state_dict_strict
+from models.registry import load_weights_file
 from .config import validate
+from .distributed import barrier, is_main
+from .evaluation import EvaluationResult
+from .rng import capture_rng, restore_rng
 
 FORMAT = "dinomaly-checkpoint-v1"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, of another format or of another architecture."""
+
+
+class TrainingDiverged(RuntimeError):
+    pass
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -30,7 +38,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, note: Callable[[str], None] = print) -> dict[str, Any]:
+    """A checkpoint of this repository with its config completed (keys added since get their default)."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pth"
@@ -39,7 +48,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     checkpoint = load_weights_file(path, "checkpoint", CheckpointError)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a Dinomaly checkpoint of this repository (format {FORMAT})")
-    validate(checkpoint["config"], f"config saved in {path}")
+    checkpoint["config"] = validate(checkpoint["config"], f"config saved in {path}", note)
     checkpoint["path"] = str(path)
     return checkpoint
 
@@ -60,23 +69,68 @@ def load_trainable(model: Dinomaly, state_dict: dict[str, torch.Tensor], source:
 
 def model_from_checkpoint(checkpoint: dict[str, Any], config: dict[str, Any] = None) -> Dinomaly:
     """Rebuild the model from the checkpoint's config (or `config`) and load its trained weights."""
-    model = build_from_config(config or checkpoint["config"])
+    model = build_model(config or checkpoint["config"])
     load_trainable(model, checkpoint["model"], f"checkpoint {checkpoint['path']}")
     return model
 
 
-def capture_rng() -> dict[str, Any]:
-    """Every random state that training draws from, in types torch.load(weights_only=True) accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+@dataclass
+class TrainState:
+    """Progress that a checkpoint must carry besides weights, optimizer and random states. The data
+    order and the learning rate follow from `step` and `reshuffles`."""
+    step: int = 0
+    reshuffles: int = 0                    # rollbacks so far; each draws a new data order from there on
+    results: Optional[EvaluationResult] = None
+    losses: list[float] = field(default_factory=list)
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def save_training(path: Path, model: Dinomaly, optimizer: torch.optim.Optimizer, state: TrainState, cfg: dict,
+                  classes: list[str], finished: bool = False) -> None:
+    """Rank 0 writes a resumable checkpoint (or, `finished`, the slim final one); the others wait."""
+    if is_main():
+        payload = {"config": cfg, "model": model.trainable_state_dict(), "step": state.step, "classes": classes,
+                   "results": state.results.rows if state.results else None,
+                   "defects": state.results.defects if state.results else None,
+                   "reshuffles": state.reshuffles, "finished": finished}
+        if not finished:
+            payload.update(optimizer=optimizer.state_dict(), rng=capture_rng(), losses=state.losses)
+        save_checkpoint(path, payload)
+    barrier()
+
+
+def restore_training(checkpoint: dict, model: Dinomaly, optimizer: torch.optim.Optimizer) -> TrainState:
+    load_trainable(model, checkpoint["model"], f"checkpoint {checkpoint['path']}")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng(checkpoint["rng"])
+    return TrainState(checkpoint["step"], checkpoint["reshuffles"], saved_results(checkpoint),
+                      list(checkpoint["losses"]))
+
+
+def saved_results(checkpoint: dict) -> Optional[EvaluationResult]:
+    """The last evaluation stored in a checkpoint (None if it has none yet)."""
+    if not checkpoint["results"]:
+        return None
+    return EvaluationResult(checkpoint["results"], checkpoint["defects"], images=0, seconds=0.0)
+
+
+def rollback(path: Path, model: Dinomaly, optimizer: torch.optim.Optimizer, state: TrainState,
+             log: Callable[[str], None]) -> TrainState:
+    """Back to the last checkpoint, with a fresh data order from there (the same one would fail again)."""
+    barrier()
+    if not path.is_file():
+        raise TrainingDiverged(f"training went wrong at step {state.step} before the first checkpoint in {path}; "
+                               f"try a lower lr, attn_eps > 0, or another seed")
+    restored = restore_training(load_checkpoint(path), model, optimizer)
+    restored.reshuffles = max(restored.reshuffles, state.reshuffles) + 1
+    log(f"rolled back to step {restored.step} ({path}); data order reshuffled ({restored.reshuffles})")
+    return restored
+
+
+def previous_checkpoint(path: Path) -> Optional[dict]:
+    """The checkpoint a resumed run continues from (None: start this model from scratch)."""
+    return load_checkpoint(path) if path.is_file() else None
+
+
+def finished_result(checkpoint: Optional[dict]) -> Optional[EvaluationResult]:
+    """The results of a model whose training already finished, else None."""
+    return saved_results(checkpoint) if checkpoint is not None and checkpoint["finished"] else None

@@ -1,38 +1,55 @@
-"""Configuration: a YAML file holds the recipe; every key can be overridden as `--key value`.
+"""Configuration: one base file holds every key; a setting names its parent and holds what differs.
 
-The schema below names every key and its type. A config is validated before any work starts:
-an unknown key (with the closest valid name), a missing key, a wrong type or an out-of-range value
-is a one-line error.
+    configs/base.yaml          every key with its recipe value and a one-line comment
+    configs/visa_sep.yaml      _base_: mvtec_sep.yaml, then only the keys that differ
+    --key value                command-line overrides on top
+
+The type of each key is the type of its value in base.yaml (`NULL_DEFAULT_TYPES` covers keys whose
+default is null). A config is validated before any work starts: an unknown key (with the closest
+valid name), a wrong type or an out-of-range value is a one-line error; a key that an older config or
+checkpoint lacks gets its default and a note.
 """
 import argparse
 import difflib
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union, get_args, get_origin
+from typing import Any, Callable, Iterable, Optional, Union, get_args, get_origin
 
 import yaml
 
-SCHEMA: dict[str, Any] = {
-    # data
-    "dataset": str, "data_path": str, "classes": Optional[list[str]], "realiad_split": str,
-    "image_size": int, "crop_size": int, "batch_size": int, "num_workers": int, "sampler": str,
-    # model
-    "encoder": str, "encoder_weights": Optional[str], "weights_dir": Optional[str],
-    "target_layers": list[int], "fuse_layer_encoder": list[list[int]], "fuse_layer_decoder": list[list[int]],
-    "decoder_depth": int, "dropout": float, "attention": str, "attn_eps": float,
-    # optimisation
-    "total_iters": int, "warmup_iters": int, "lr": float, "final_lr": float, "weight_decay": float,
-    "betas": list[float], "eps": float, "grad_clip": float, "hm_factor": float, "hm_p_final": float,
-    "hm_ramp_iters": int, "seed": int,
-    # evaluation
-    "eval_every": int, "max_ratio": float, "map_size": int, "map_sigma": float, "gt_threshold": float,
-    "aupro_thresholds": int, "aupro_fpr_limit": float,
-    # speed (none of them changes what is computed, beyond bf16/fp16 rounding)
-    "precision": str, "compile": bool, "image_cache": str, "cache_features": str, "cache_dir": Optional[str],
-    # reliability
-    "ckpt_every": int, "max_bad_steps": int, "spike_factor": float, "spike_rollback": bool,
-    # run
-    "device": str, "output_dir": str, "run_name": Optional[str],
-}
+from models.registry import ENCODERS
+
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+PARENT_KEY = "_base_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(cfg).__name__}")
+    return cfg
+
+
+def _infer_type(key: str, value: Any) -> Any:
+    if value is None:
+        return NULL_DEFAULT_TYPES.get(key, Optional[str])
+    if isinstance(value, list):
+        return list[_infer_type(key, value[0])] if value else list[int]
+    return type(value)
+
+
+NULL_DEFAULT_TYPES = {"classes": Optional[list[str]]}
+DEFAULTS: dict[str, Any] = load_yaml(BASE_CONFIG)
+SCHEMA: dict[str, Any] = {key: _infer_type(key, value) for key, value in DEFAULTS.items()}
 
 CHOICES = {
     "dataset": ("mvtec", "visa", "mpdd", "realiad", "folder"),
@@ -49,9 +66,6 @@ NON_NEGATIVE = ("num_workers", "warmup_iters", "final_lr", "weight_decay", "eps"
                 "eval_every", "attn_eps", "max_ratio", "map_sigma", "ckpt_every", "spike_factor")
 UNIT_INTERVAL = ("dropout", "hm_p_final", "gt_threshold", "aupro_fpr_limit")
 
-
-class ConfigError(ValueError):
-    pass
 
 
 def _type_name(tp: Any) -> str:
@@ -107,15 +121,26 @@ def _check(cfg: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {value}")
 
 
-def validate(cfg: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    _check(cfg, source)
-    missing = [key for key in SCHEMA if key not in cfg]
+def fill_defaults(cfg: dict[str, Any], source: str, note: Callable[[str], None] = print) -> dict[str, Any]:
+    """Keys added after `cfg` was written (an older config or checkpoint) take their base value."""
+    missing = [key for key in DEFAULTS if key not in cfg]
     if missing:
-        raise ConfigError(f"{source}: missing config keys: {', '.join(missing)}")
+        note(f"note: {source} has no {', '.join(missing)}; using the default"
+             f"{'s' if len(missing) > 1 else ''} of configs/base.yaml: "
+             + ", ".join(f"{key}={DEFAULTS[key]!r}" for key in missing))
+    return {**DEFAULTS, **cfg}
+
+
+def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], None] = print) -> dict[str, Any]:
+    """The complete, checked config: unknown keys and bad values are a ConfigError naming the key."""
+    _check(cfg, source)
+    cfg = fill_defaults(cfg, source, note)
     if cfg["crop_size"] > cfg["image_size"]:
         raise ConfigError(f"{source}: crop_size {cfg['crop_size']} is larger than image_size {cfg['image_size']}")
-    if cfg["crop_size"] % 14:
-        raise ConfigError(f"{source}: crop_size must be a multiple of the patch size 14, got {cfg['crop_size']}")
+    patch_size = encoder_patch_size(cfg["encoder"], source)
+    if cfg["crop_size"] % patch_size:
+        raise ConfigError(f"{source}: crop_size must be a multiple of the patch size {patch_size} of encoder "
+                          f"'{cfg['encoder']}', got {cfg['crop_size']}")
     if cfg["warmup_iters"] >= cfg["total_iters"]:
         raise ConfigError(f"{source}: warmup_iters ({cfg['warmup_iters']}) must be below total_iters "
                           f"({cfg['total_iters']})")
@@ -124,17 +149,31 @@ def validate(cfg: dict[str, Any], source: str = "config") -> dict[str, Any]:
     return cfg
 
 
-def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(cfg).__name__}")
-    return cfg
+def encoder_patch_size(name: str, source: str) -> int:
+    """The patch size of a registered encoder; an unknown name names the closest registered one."""
+    if name not in ENCODERS:
+        close = difflib.get_close_matches(name, ENCODERS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{source}: unknown encoder '{name}'{hint} (registered: {', '.join(ENCODERS)})")
+    return ENCODERS[name].patch_size
+
+
+def load_config(path: Union[str, Path], _children: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A setting file with its chain of `_base_` parents merged (child keys win), not yet validated."""
+    path = Path(path).resolve()
+    if path in _children:
+        raise ConfigError(f"{path}: the chain of {PARENT_KEY} parents loops back to this file")
+    cfg = load_yaml(path)
+    _check({k: v for k, v in cfg.items() if k != PARENT_KEY}, str(path))
+    parent = cfg.pop(PARENT_KEY, None)
+    if parent is None:
+        return cfg
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: {PARENT_KEY} must be the file name of the parent config, got {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: parent config {PARENT_KEY}: {parent} not found at {parent_path}")
+    return {**load_config(parent_path, (*_children, path)), **cfg}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, keys: Iterable[str]) -> None:
@@ -173,8 +212,7 @@ def build_parser(default_config: str, description: str,
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The YAML file of `--config` with the command-line overrides applied, validated."""
-    cfg = load_yaml(args.config)
-    _check(cfg, str(args.config))
+    cfg = load_config(args.config)
     cfg.update(collect_overrides(args, SCHEMA))
     return validate(cfg, f"{args.config} + command line")
 

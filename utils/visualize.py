@@ -1,19 +1,18 @@
 """Heatmap overlays written with opencv: what the model sees, next to the image and the ground truth."""
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
-def to_display_image(image: torch.Tensor, size: int) -> np.ndarray:
-    """A normalised 3 x H x W tensor back to a size x size uint8 RGB array."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+def to_display_image(image: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A 3 x H x W tensor normalised with `mean`/`std` back to a size x size uint8 RGB array."""
+    mean = torch.tensor(mean).view(3, 1, 1)
+    std = torch.tensor(std).view(3, 1, 1)
     rgb = (image.cpu().float() * std + mean).clamp(0, 1).unsqueeze(0)
     rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)[0]
     return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

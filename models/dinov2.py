@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .encoder_interface import IMAGENET_MEAN, IMAGENET_STD
+
 
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
@@ -88,12 +90,14 @@ class Block(nn.Module):
 
 
 class DinoVisionTransformer(nn.Module):
-    """DINOv2 backbone built at img_size 518 (a 37x37 positional grid, resized at every forward)."""
+    """DINOv2 backbone built at img_size 518 (a 37x37 positional grid, resized at every forward).
+    Implements models.encoder_interface.Encoder."""
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, num_register_tokens: int = 0,
                  ffn: str = "mlp", patch_size: int = 14, img_size: int = 518,
-                 interpolate_offset: float = 0.1):
+                 interpolate_offset: float = 0.1, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
         super().__init__()
+        self.mean, self.std = tuple(mean), tuple(std)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.patch_size = patch_size

@@ -1,4 +1,4 @@
-"""Encoder registry: a name maps to a DINOv2 architecture, its official weights URL and known sha256.
+"""Encoder registry: a name maps to an architecture, its official weights URL and known sha256.
 
 Weights are fetched once into a cache directory, verified, and loaded with strict key checking:
 a checkpoint that does not match the architecture is an error, never a half-loaded encoder.
@@ -14,13 +14,14 @@ from typing import Optional
 
 import torch
 
-from .vision_transformer import DinoVisionTransformer
-
+from .dinov2 import DinoVisionTransformer
+from .encoder_interface import IMAGENET_MEAN, IMAGENET_STD, Encoder
 _URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/dinov2_vit{s}14{reg}_pretrain.pth"
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
+    """Everything needed to build an encoder and fetch its weights, without building it."""
     embed_dim: int
     depth: int
     num_heads: int
@@ -28,6 +29,10 @@ class EncoderSpec:
     ffn: str = "mlp"
     url: Optional[str] = None
     sha256: Optional[str] = None
+    patch_size: int = 14
+    pos_grid: int = 37                    # side of the position-embedding grid stored in the weights
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @property
     def file_name(self) -> Optional[str]:
@@ -51,6 +56,8 @@ for _size, (_s, _dim, _depth, _heads, _ffn) in _SIZES.items():
 # A tiny architecture with no official weights: for the test-suite and the offline CPU demo only.
 ENCODERS["dinov2_vit_tiny_14"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=0)
 ENCODERS["dinov2reg_vit_tiny_14"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=4)
+ENCODERS["dinov2_vit_tiny_16"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=0,
+                                             patch_size=16, pos_grid=32)
 
 
 def get_spec(name: str) -> EncoderSpec:
@@ -59,9 +66,10 @@ def get_spec(name: str) -> EncoderSpec:
     return ENCODERS[name]
 
 
-def build_encoder(name: str) -> DinoVisionTransformer:
+def build_encoder(name: str) -> Encoder:
     spec = get_spec(name)
-    return DinoVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.num_register_tokens, spec.ffn)
+    return DinoVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.num_register_tokens, spec.ffn,
+                                 spec.patch_size, spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std)
 
 
 def default_weights_dir() -> Path:
@@ -141,7 +149,7 @@ def load_weights_file(path: Path, what: str, error: type = RuntimeError):
 
 
 def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional[str] = None,
-                 verbose: bool = True) -> DinoVisionTransformer:
+                 verbose: bool = True) -> Encoder:
     """Build encoder `name` and load its weights.
 
     weights: None for the official checkpoint (downloaded into `weights_dir` on first use), a path to

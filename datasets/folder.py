@@ -1,4 +1,4 @@
-"""Datasets in the MVTec AD layout (MVTec AD, MPDD, prepared VisA, a user's own classes).
+"""The generic folder loader: any dataset in the MVTec AD layout (MVTec AD, MPDD, prepared VisA, your own).
 
     <root>/<class>/train/good/*.png
     <root>/<class>/test/good/*.png
@@ -10,7 +10,7 @@ without a mask or a mask without an image is an error naming the path, before an
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -125,10 +125,11 @@ def list_test_samples(root: Path, class_name: str) -> list[TestSample]:
 class TrainSet(Dataset):
     """Normal training images of several classes, concatenated; items are (image, sample index)."""
 
-    def __init__(self, images_by_class: dict[str, list[Path]], image_size: int, crop_size: int):
+    def __init__(self, images_by_class: dict[str, list[Path]], image_size: int, crop_size: int,
+                 mean: Sequence[float], std: Sequence[float]):
         self.class_names = list(images_by_class)
         self.samples = [(path, i) for i, name in enumerate(self.class_names) for path in images_by_class[name]]
-        self.transform = image_transform(image_size, crop_size)
+        self.transform = image_transform(image_size, crop_size, mean, std)
         self.cache = None
 
     def use_cache(self, cache) -> None:
@@ -150,10 +151,11 @@ class TestSet(Dataset):
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, samples: list[TestSample], image_size: int, crop_size: int):
+    def __init__(self, samples: list[TestSample], image_size: int, crop_size: int, mean: Sequence[float],
+                 std: Sequence[float]):
         self.samples = samples
         self.crop_size = crop_size
-        self.transform = image_transform(image_size, crop_size)
+        self.transform = image_transform(image_size, crop_size, mean, std)
         self.mask_transform = mask_transform(image_size, crop_size)
 
     def __len__(self) -> int:

@@ -1,0 +1,121 @@
+"""Setting a training run up and closing it: command line, device, run directory, log, final tables.
+
+Both training scripts start with `start` and `open_run` and end with `finish`; what happens between
+is the training loop of train_uni.py.
+"""
+import argparse
+import datetime
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from datasets import DatasetLayoutError
+from .checkpoint import CheckpointError, TrainingDiverged
+from .config import (SCHEMA, ConfigError, build_parser, collect_overrides, config_from_args, dump, load_yaml,
+                     parse_known, validate)
+from .device import resolve_device
+from .distributed import broadcast, init_distributed, is_main, shutdown
+from .evaluation import EvaluationResult, format_markdown, write_tables
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RESUME_OVERRIDES = ("device", "num_workers", "data_path", "ckpt_every", "max_bad_steps", "spike_factor",
+                    "spike_rollback")
+# Mistakes a user can make (paths, values, files): reported as one line, never as a traceback.
+USER_ERRORS = (CheckpointError, ConfigError, DatasetLayoutError, FileExistsError, FileNotFoundError, TrainingDiverged)
+
+
+class RunLog:
+    """Prints a line and appends it to <run_dir>/log.txt (silent when not enabled: ranks other than 0)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / "log.txt"
+        self.enabled = enabled
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        print(message, flush=True)
+        with open(self.path, "a") as f:
+            f.write(message + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def create_run_dir(output_dir: str, run_name: str, overwrite: bool = False) -> Path:
+    """A fresh run directory; an existing one is only reused with `overwrite` (its content is removed)."""
+    run_dir = Path(output_dir) / run_name
+    if run_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"run directory {run_dir} already exists; choose another --run_name, "
+                                  f"continue it with --resume {run_dir}, or pass --overwrite to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def default_run_name(config_path: str) -> str:
+    return f"{Path(config_path).stem}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+
+
+def parse_run_args(argv: list[str], default_config: str, description: str,
+                   note: Callable[[str], None]) -> tuple[dict, argparse.Namespace]:
+    """The config and options of a new run, or, with --resume RUN_DIR, the run's own saved config."""
+    parser = build_parser(str(CONFIGS / default_config), description, extra=[
+        ("--overwrite", dict(action="store_true", help="replace an existing run directory")),
+        ("--resume", dict(metavar="RUN_DIR", help="continue this run where it stopped"))])
+    args = parse_known(parser, argv)
+    if not args.resume:
+        cfg = config_from_args(args)
+        cfg["run_name"] = cfg["run_name"] or default_run_name(args.config)
+        return cfg, args
+    saved = Path(args.resume) / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"cannot resume: {saved} not found (is {args.resume} a run directory?)")
+    overrides = collect_overrides(args, SCHEMA)
+    fixed = sorted(set(overrides) - set(RESUME_OVERRIDES))
+    if fixed:
+        raise ConfigError(f"--{fixed[0]} cannot change when resuming; only {', '.join(RESUME_OVERRIDES)} can")
+    return validate({**load_yaml(saved), **overrides}, str(saved), note), args
+
+
+
+def start(argv: list[str], default_config: str, description: str
+          ) -> tuple[dict, argparse.Namespace, torch.device, list[str]]:
+    """Config, options and device of this process (under torchrun, every rank uses rank 0's run name),
+    and the notes about the config that the run's log should carry."""
+    notes = []
+    cfg, args = parse_run_args(argv, default_config, description, notes.append)
+    device = init_distributed(resolve_device(cfg["device"]))
+    if cfg["precision"] == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
+    cfg["run_name"] = broadcast(cfg["run_name"])
+    return cfg, args, device, notes
+
+
+def open_run(cfg: dict, args: argparse.Namespace, device: torch.device, notes: list[str]) -> tuple[Path, RunLog]:
+    """Create the run directory (or reopen it with --resume), save the resolved config, start the log."""
+    if args.resume or not is_main():
+        run_dir = Path(args.resume or Path(cfg["output_dir"]) / cfg["run_name"])
+        log = RunLog(run_dir, enabled=is_main())
+        log(f"resuming run {run_dir} on {device}")
+    else:
+        run_dir = create_run_dir(cfg["output_dir"], cfg["run_name"], args.overwrite)
+        log = RunLog(run_dir)
+        (run_dir / "config.yaml").write_text(dump(cfg))
+        log(f"config ({args.config} + command line):\n{dump(cfg)}")
+        log(f"run directory: {run_dir}   device: {device}")
+    for line in notes:
+        log(line)
+    return run_dir, log
+
+
+def finish(run_dir: Path, result: EvaluationResult, log: RunLog) -> None:
+    """Rank 0 writes the tables and prints the per-class table; every process leaves the group."""
+    if is_main():
+        write_tables(run_dir, result)
+        log("\n" + format_markdown(result.rows))
+        log(f"results written to {run_dir}")
+    shutdown()
