@@ -17,18 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import DatasetLayoutError, TestSet, build_test_set
+from datasets import TestSet, build_test_set
 from models import input_normalization
-from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from utils.config import ConfigError, add_config_flags, collect_overrides, dump, parse_known, validate
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.config import add_config_flags, collect_overrides, dump, parse_known, validate
 from utils.evaluation import ClassOutputs, EvaluationResult, evaluate, format_markdown, write_tables
 from utils.device import peak_memory_mib, resolve_device
-from utils.run_setup import RunLog
+from utils.run_setup import USER_ERRORS, RunLog
 from utils.visualize import save_panel, to_display_image
 
 EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "device", "batch_size", "num_workers",
              "encoder_weights", "weights_dir", "gt_threshold", "max_ratio", "aupro_thresholds", "aupro_fpr_limit")
-USER_ERRORS = (CheckpointError, ConfigError, DatasetLayoutError, FileNotFoundError, FileExistsError)
 
 
 def find_checkpoints(args: argparse.Namespace) -> tuple[list[Path], Path]:

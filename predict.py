@@ -15,13 +15,14 @@ from typing import Optional
 
 import torch
 
-from datasets import IMG_EXTENSIONS, load_image
+from datasets import IMG_EXTENSIONS, DatasetLayoutError, load_image
 from datasets.transforms import image_transform
 from models import input_normalization
-from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, add_config_flags, collect_overrides, parse_known, validate
 from utils.evaluation import predict_maps
 from utils.device import resolve_device
+from utils.run_setup import USER_ERRORS
 from utils.visualize import save_panel, to_display_image
 
 PREDICT_KEYS = ("device", "batch_size", "encoder_weights", "weights_dir", "max_ratio")
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> int:
             try:
                 tensors.append(transform(load_image(path)))
                 batch.append(path)
-            except RuntimeError as error:
+            except DatasetLayoutError as error:
                 failed.append((path, str(error)))
         if not batch:
             continue
@@ -132,5 +133,5 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (CheckpointError, ConfigError, FileNotFoundError) as error:
+    except USER_ERRORS as error:
         sys.exit(f"error: {error}")

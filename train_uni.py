@@ -14,6 +14,7 @@ This file is the training loop: config, data, model, optimizer, the step, evalua
 Checkpoints and rollback live in utils/checkpoint.py, the run's set-up in utils/run_setup.py.
 """
 import math
+import time
 import shutil
 import sys
 from pathlib import Path
@@ -24,19 +25,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import TestSet, TrainSet, count_lines, dataset_classes, load_data
+from datasets import DatasetLayoutError, TestSet, TrainSet, count_lines, dataset_classes, load_data
 from datasets.caches import FeatureCache, attach_image_cache
 from datasets.sampler import StepBatchSampler
 from models import Dinomaly, build_model
 from utils.checkpoint import (TrainState, finished_result, previous_checkpoint, restore_training, rollback,
                               save_training)
+from utils.curves import Curves
 from utils.device import autocast
 from utils.distributed import barrier, is_main, mean_over_ranks, rank, world_size
 from utils.evaluation import EvaluationResult, evaluate
 from utils.guard import TrainingGuard
 from utils.loss import global_cosine_hm, hard_mining_p
 from utils.optim import StableAdamW, lr_at, warmup_cosine_schedule
-from utils.rng import seed_everything
+from utils.rng import seed_everything, seed_this_rank
 from utils.run_setup import USER_ERRORS, RunLog, finish, open_run, start
 from utils.signals import StopRequest
 
@@ -49,10 +51,10 @@ def build_optimizer(model: Dinomaly, cfg: dict) -> StableAdamW:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs, it: int, lr: float, cfg: dict,
-               scaler: Optional[torch.amp.GradScaler] = None) -> tuple[float, bool]:
+               scaler: Optional[torch.amp.GradScaler] = None) -> tuple[float, bool, float]:
     """One optimisation step of the recipe at iteration `it` on images (or their cached encoder
-    features). Returns the loss (averaged over processes) and whether loss and gradients were finite;
-    a non-finite step changes no weight."""
+    features). Returns the loss (averaged over processes), whether loss and gradients were finite (a
+    non-finite step changes no weight) and the gradient norm before clipping."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(next(model.parameters()).device, cfg["precision"]):
@@ -71,7 +73,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs,
         scaler.update()
     elif finite:
         optimizer.step()
-    return loss, finite
+    return loss, finite, float(grad_norm)
 
 
 def train_loader(data: Dataset, class_ids: Optional[list[int]], cfg: dict, state: TrainState,
@@ -93,12 +95,13 @@ def to_device(inputs, device: torch.device):
 
 
 def evaluate_on_main(model: Dinomaly, test_sets: dict[str, TestSet], cfg: dict, device: torch.device,
-                     log: RunLog, step: int) -> Optional[EvaluationResult]:
+                     log: RunLog, curves: Curves, step: int) -> Optional[EvaluationResult]:
     """Rank 0 evaluates (results identical to a single process) while the others wait."""
     result = None
     if is_main():
         log(f"step {step}: evaluating")
         result = evaluate(model, test_sets, cfg, device, log)
+        curves.log_eval(step, result.rows)
     barrier()
     model.train()
     return result
@@ -113,10 +116,11 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
     seed_everything(cfg["seed"])
     model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg)
+    seed_this_rank(cfg["seed"], rank())  # each process its own dropout noise; rank 0 keeps the seed's stream
     path, classes, total = run_dir / "checkpoint.pth", list(test_sets), cfg["total_iters"]
     state = TrainState()
     if resume is not None:
-        state = restore_training(resume, model, optimizer)
+        state = restore_training(resume, model, optimizer, log)
         log(f"resumed from {resume['path']} at step {state.step}")
     if cfg["compile"]:
         for block in [*model.encoder.blocks, *model.decoder]:
@@ -132,45 +136,72 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
     schedule = warmup_cosine_schedule(cfg["lr"], cfg["final_lr"], total, cfg["warmup_iters"])
     guard = TrainingGuard(cfg["max_bad_steps"], cfg["spike_factor"])
     progress = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True, disable=not is_main())
+    curves = Curves(run_dir, state.step, enabled=is_main())
+    tick = time.perf_counter()
 
     model.train()
-    with StopRequest() as stop:
-        while state.step < total:
-            for inputs, indices in train_loader(data, class_ids, cfg, state, device):
-                lr = lr_at(schedule, state.step, cfg["final_lr"])
-                loss, finite = train_step(net, optimizer, to_device(inputs, device), state.step, lr, cfg, scaler)
-                verdict = guard.check(loss, finite)
-                if verdict != "ok":
-                    files = ", ".join(train_set.samples[i][0].name for i in indices.tolist())
-                    log(f"step {state.step + 1}: {verdict} (loss {loss:.4g}, update "
-                        f"{'applied' if finite else 'skipped'}); batch: {files}")
-                if verdict == "diverged" or (verdict == "spike" and cfg["spike_rollback"]):
-                    state = rollback(path, model, optimizer, state, log)
-                    guard.reset()
-                    progress.n = state.step
-                    break
-                state.step += 1
-                state.losses.append(loss)
-                progress.update()
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if state.step % LOG_EVERY == 0:
-                    recent = state.losses[-LOG_EVERY:]
-                    log(f"step {state.step}/{total}  loss {sum(recent) / len(recent):.4f}  lr {lr:.3e}")
-                if cfg["eval_every"] and state.step % cfg["eval_every"] == 0 and state.step < total:
-                    state.results = evaluate_on_main(model, test_sets, cfg, device, log, state.step)
-                stopping = stop.requested()
-                if stopping or (cfg["ckpt_every"] and state.step % cfg["ckpt_every"] == 0):
-                    save_training(path, model, optimizer, state, cfg, classes)
-                if stopping:
-                    log(f"signal {stop.signal or 'on another rank'}: checkpoint saved at step {state.step} in "
-                        f"{path}; continue with --resume {run_dir.parent if run_dir.name in classes else run_dir}")
-                    raise SystemExit(stop.exit_code)
+    try:
+        with StopRequest() as stop:
+            while state.step < total:
+                for inputs, indices in train_loader(data, class_ids, cfg, state, device):
+                    lr = lr_at(schedule, state.step, cfg["final_lr"])
+                    easy_share = hard_mining_p(state.step, cfg["hm_p_final"], cfg["hm_ramp_iters"])
+                    loss, finite, grad_norm = train_step(net, optimizer, to_device(inputs, device), state.step, lr,
+                                                         cfg, scaler)
+                    verdict = guard.check(loss, finite)
+                    if verdict != "ok":
+                        files = ", ".join(train_set.samples[i][0].name for i in indices.tolist())
+                        log(f"step {state.step + 1}: {verdict} (loss {loss:.4g}, update "
+                            f"{'applied' if finite else 'skipped'}); batch: {files}")
+                    if verdict == "diverged" or (verdict == "spike" and cfg["spike_rollback"]):
+                        state = rollback(path, model, optimizer, state, log)
+                        curves.restart_at(state.step)
+                        guard.reset()
+                        progress.n = state.step
+                        break
+                    state.step += 1
+                    state.losses.append(loss)
+                    now = time.perf_counter()
+                    seconds, tick = now - tick, now
+                    curves.log_step(state.step, loss, lr, grad_norm, easy_share, seconds, cfg["batch_size"])
+                    progress.update()
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    if state.step % LOG_EVERY == 0:
+                        recent = state.losses[-LOG_EVERY:]
+                        log(f"step {state.step}/{total}  loss {sum(recent) / len(recent):.4f}  lr {lr:.3e}")
+                        curves.plot()
+                    if cfg["eval_every"] and state.step % cfg["eval_every"] == 0 and state.step < total:
+                        state.results = evaluate_on_main(model, test_sets, cfg, device, log, curves, state.step)
+                    stopping = stop.requested()
+                    if stopping or (cfg["ckpt_every"] and state.step % cfg["ckpt_every"] == 0):
+                        save_training(path, model, optimizer, state, cfg, classes)
+                    if stopping:
+                        log(f"signal {stop.signal or 'on another rank'}: checkpoint saved at step {state.step} in "
+                            f"{path}; continue with --resume {run_root(run_dir, classes)}")
+                        raise SystemExit(stop.exit_code)
+    except DatasetLayoutError as error:  # an image changed since the check; processes cannot agree on a save
+        if world_size() == 1:
+            save_training(path, model, optimizer, state, cfg, classes)
+        raise unreadable_image(error, state.step if world_size() == 1 else None, run_root(run_dir, classes)) from None
     progress.close()
-    state.results = evaluate_on_main(model, test_sets, cfg, device, log, state.step)
+    state.results = evaluate_on_main(model, test_sets, cfg, device, log, curves, state.step)
     save_training(path, model, optimizer, state, cfg, classes, finished=True)
+    curves.plot_final(state.results.rows if state.results else None)
     if isinstance(data, FeatureCache):
         shutil.rmtree(run_dir / "feature_cache", ignore_errors=True)
     return state.results
+
+
+def unreadable_image(error: DatasetLayoutError, saved_step: Optional[int], resume_dir: Path) -> DatasetLayoutError:
+    """One line naming the file that could not be read mid-run (data-loader workers add a traceback)."""
+    reason = str(error).strip().splitlines()[-1].split("DatasetLayoutError: ")[-1]
+    saved = f"checkpoint saved at step {saved_step}" if saved_step is not None else "the last checkpoint is kept"
+    return DatasetLayoutError(f"{reason}; {saved}: fix the file, then continue with --resume {resume_dir}")
+
+
+def run_root(run_dir: Path, classes: list[str]) -> Path:
+    """The directory to --resume: the run's, also when `run_dir` is one class's folder of train_sep.py."""
+    return run_dir.parent if run_dir.name in classes else run_dir
 
 
 def cache_dir(cfg: dict) -> Path:

@@ -7,10 +7,13 @@
 Each mode runs in its own process (so peak memory is its own) on random images, without data
 loading, and reports the median seconds per step after warm-up:
   recipe     fp32, eager, the encoder runs at every step (the reference's computation)
+  fp32+cache fp32 with cached encoder features (--cache_features): the step runs bottleneck and decoder only
   bf16       bf16 autocast for encoder and decoder
-  fast       bf16 + cached encoder features (--cache_features): the step runs bottleneck and decoder only
+  fast       bf16 + cached encoder features
   fast+compile  the same with torch.compile (only with --with_compile; compiling takes minutes)
-Accepts every config key as --key value (see configs/mvtec_uni.yaml).
+Accepts every config key as --key value (see configs/base.yaml). Every result names the CPU's
+capability: on a CPU without native bf16 (no AVX-512 BF16 / AMX) the bf16 modes are emulated and slow,
+which is why training falls back to fp32 there (see allow_emulated_bf16).
 """
 import json
 import subprocess
@@ -26,10 +29,11 @@ sys.path.insert(0, str(ROOT))
 from models import build_model  # noqa: E402
 from train_uni import build_optimizer, train_step  # noqa: E402
 from utils.config import parse_args  # noqa: E402
-from utils.device import autocast, peak_memory_mib, resolve_device  # noqa: E402
+from utils.device import autocast, cpu_description, peak_memory_mib, resolve_device  # noqa: E402
 from utils.rng import seed_everything  # noqa: E402
 
 MODES = {"recipe": dict(precision="fp32", compile=False, cached=False),
+         "fp32+cache": dict(precision="fp32", compile=False, cached=True),
          "bf16": dict(precision="bf16", compile=False, cached=False),
          "fast": dict(precision="bf16", compile=False, cached=True),
          "fast+compile": dict(precision="bf16", compile=True, cached=True)}
@@ -81,6 +85,7 @@ def main(argv: list[str]) -> None:
     recipe = results[0]
     print(f"encoder {cfg['encoder']}  crop {cfg['crop_size']}  batch {cfg['batch_size']}  device {recipe['device']} "
           f"({recipe['threads']} threads), median of {args.steps} steps")
+    print(f"cpu: {cpu_description()}")
     print(f"{'mode':<14}{'s/step':>9}{'images/s':>10}{'peak MiB':>10}{'speed-up':>10}{'memory':>8}")
     for r in results:
         print(f"{r['mode']:<14}{r['s_per_step']:>9.3f}{cfg['batch_size'] / r['s_per_step']:>10.1f}{r['peak_mib']:>10.0f}"

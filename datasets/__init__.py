@@ -51,11 +51,12 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
 
 
 def load_data(cfg: dict, class_names: list[str]) -> tuple[TrainSet, dict[str, TestSet]]:
-    """Training images of all `class_names` and one test set per class; the layout and every file header
-    are checked here, before any run directory or model exists."""
+    """Training images of all `class_names` and one test set per class; the layout and every file are
+    checked here (fully decoded with check_images: full), before any run directory or model exists."""
     train_set = build_train_set(cfg, class_names)
     test_sets = {name: build_test_set(cfg, name) for name in class_names}
-    check_files([path for path, _ in train_set.samples], [s for t in test_sets.values() for s in t.samples])
+    check_files([path for path, _ in train_set.samples], [s for t in test_sets.values() for s in t.samples],
+                decode=cfg["check_images"] == "full")
     return train_set, test_sets
 
 

@@ -19,7 +19,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from models import Dinomaly
-from utils.device import autocast
+from utils.device import autocast, compute_dtype
 from .folder import TrainSet, load_image
 
 
@@ -77,7 +77,7 @@ class FeatureCache(Dataset):
         for images, index in tqdm(loader, desc="caching encoder features", unit="batch"):
             with autocast(device, cfg["precision"]):
                 fused, groups = model.encode(images.to(device))
-            parts = [fused] + groups
+            parts = [p.to(compute_dtype(cfg["precision"])) for p in [fused] + groups]
             if self.arrays is None:
                 self.dtype = parts[0].dtype
                 self.arrays = [self._allocate(len(train_set), p, mode, Path(cache_dir) / f"features_{i}.npy")

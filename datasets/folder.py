@@ -10,12 +10,14 @@ without a mask or a mask without an image is an error naming the path, before an
 """
 from dataclasses import dataclass
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from .transforms import image_transform, mask_transform
 
@@ -29,6 +31,10 @@ EXPECTED_TREE = """expected layout:
 
 class DatasetLayoutError(FileNotFoundError):
     pass
+
+
+class ImageReadError(DatasetLayoutError, RuntimeError):
+    """An image or mask that exists but cannot be decoded, or does not fit its partner."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +58,16 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def load_image(path: Path, mode: str = "RGB") -> Image.Image:
+    """Every pixel decoded: a truncated or corrupt file is a DatasetLayoutError naming it."""
     try:
         with Image.open(path) as image:
             return image.convert(mode)
     except Exception as error:
-        raise RuntimeError(f"cannot decode image {path}: {error}") from None
+        raise ImageReadError(f"cannot decode image {path}: {error}") from None
+
+
+def image_size_decoded(path: Path) -> tuple[int, int]:
+    return load_image(path).size
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -68,15 +79,19 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DatasetLayoutError(f"cannot read image {path}: {error}") from None
 
 
-def check_files(train_paths: list[Path], test_samples: list[TestSample]) -> None:
-    """Open every header before training: a file that is not an image, or a mask whose size differs
-    from its image, is an error naming it now rather than hours into a run."""
-    for path in train_paths:
-        image_size(path)
+def check_files(train_paths: list[Path], test_samples: list[TestSample], decode: bool = True) -> None:
+    """Read every image and mask before training (`decode`: every pixel, in parallel; else the headers):
+    a file that is not an image, is truncated, or a mask whose size differs from its image, is an error
+    naming it now rather than hours into a run."""
+    paths = list(train_paths) + [p for s in test_samples for p in (s.image, s.mask) if p is not None]
+    read = image_size_decoded if decode else image_size
+    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
+        sizes = dict(zip(paths, tqdm(pool.map(read, paths), total=len(paths), unit="image", disable=not decode,
+                                     desc="checking images", leave=False)))
     for sample in test_samples:
-        size = image_size(sample.image)
-        if sample.mask is not None and image_size(sample.mask) != size:
-            mask_size = image_size(sample.mask)
+        size = sizes[sample.image]
+        if sample.mask is not None and sizes[sample.mask] != size:
+            mask_size = sizes[sample.mask]
             raise DatasetLayoutError(f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image "
                                      f"{sample.image} is {size[0]}x{size[1]}")
 
@@ -169,7 +184,7 @@ class TestSet(Dataset):
         else:
             mask_image = load_image(sample.mask, "L")
             if mask_image.size != image.size:
-                raise RuntimeError(f"mask {sample.mask} is {mask_image.size[0]}x{mask_image.size[1]} but its image "
+                raise ImageReadError(f"mask {sample.mask} is {mask_image.size[0]}x{mask_image.size[1]} but its image "
                                    f"{sample.image} is {image.size[0]}x{image.size[1]}")
             mask = self.mask_transform(mask_image)
         return self.transform(image), mask, sample.label, index

@@ -16,6 +16,12 @@ import torch
 
 from .dinov2 import DinoVisionTransformer
 from .encoder_interface import IMAGENET_MEAN, IMAGENET_STD, Encoder
+
+
+class WeightsError(RuntimeError):
+    """Encoder weights that cannot be used: not downloadable, corrupt, unreadable or of another model."""
+
+
 _URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/dinov2_vit{s}14{reg}_pretrain.pth"
 
 
@@ -97,10 +103,10 @@ def _download(url: str, dest: Path) -> None:
             os.fsync(f.fileno())
     except (urllib.error.URLError, OSError) as error:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"Could not download the encoder weights from {url} ({error}).\n"
-            f"Offline? Download that file by hand and put it at {dest}\n"
-            f"(the file name must be {dest.name}), or pass --encoder_weights PATH to a local copy.") from None
+        raise WeightsError(
+            f"could not download the encoder weights from {url} ({error}). Offline? Download that file by hand "
+            f"and put it at {dest} (the file name must be {dest.name}), or pass --encoder_weights PATH to a "
+            f"local copy") from None
     os.replace(tmp, dest)
 
 
@@ -108,8 +114,8 @@ def resolve_weights(name: str, weights_dir: Optional[str] = None) -> Path:
     """Path of the official checkpoint in the cache, downloading and verifying it as needed."""
     spec = get_spec(name)
     if spec.url is None:
-        raise ValueError(f"encoder '{name}' has no official weights; pass --encoder_weights PATH "
-                         f"or --encoder_weights random")
+        raise WeightsError(f"encoder '{name}' has no official weights; pass --encoder_weights PATH "
+                           f"or --encoder_weights random")
     path = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
     path = path / spec.file_name
     if not path.exists():
@@ -117,29 +123,31 @@ def resolve_weights(name: str, weights_dir: Optional[str] = None) -> Path:
     if spec.sha256 is not None:
         actual = sha256_of(path)
         if actual != spec.sha256:
-            raise RuntimeError(f"sha256 mismatch for {path}: expected {spec.sha256}, got {actual}. "
+            raise WeightsError(f"sha256 mismatch for {path}: expected {spec.sha256}, got {actual}. "
                                f"The file is corrupt or not {spec.file_name}; delete it to download again.")
     return path
 
 
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Load with every key and shape checked; the error lists what differs and names the file."""
+    """Load with every key and shape checked; the one-line error lists what differs and names the file."""
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise WeightsError(f"{source} is not a flat state dict of tensors: '{not_tensors[0]}' holds a "
+                           f"{type(state_dict[not_tensors[0]]).__name__}")
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        lines = [f"{source} does not match the architecture:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
-        raise RuntimeError("\n".join(lines))
+        parts = [f"{title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
+                 for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                      ("shape mismatches", mismatched)) if items]
+        raise WeightsError(f"{source} does not match the architecture: " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
 
 
-def load_weights_file(path: Path, what: str, error: type = RuntimeError):
+def load_weights_file(path: Path, what: str, error: type = WeightsError):
     """torch.load of a file a user hands us: weights_only=True, and an unreadable file is `error` naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -165,7 +173,8 @@ def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional
         raise FileNotFoundError(f"encoder weights not found: {path}")
     state_dict = load_weights_file(path, "encoder weights")
     if not isinstance(state_dict, dict):
-        raise RuntimeError(f"{path} holds a {type(state_dict).__name__}, expected a state dict in Meta's layout")
+        raise WeightsError(f"encoder weights {path} hold a {type(state_dict).__name__}, expected a state dict "
+                           f"in Meta's layout")
     load_state_dict_strict(encoder, state_dict, f"encoder weights {path} (for '{name}')")
     if verbose:
         print(f"Loaded encoder '{name}' from {path}", flush=True)

@@ -33,6 +33,14 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.02)
 
 
+def interrupt_after_first_checkpoint(script: str, args: list, run_dir: Path) -> None:
+    """Start a run, SIGTERM it once its first checkpoint exists, and check that it saved and stopped."""
+    process = start(script, args)
+    wait_for(run_dir / "checkpoint.pth", process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait() == 128 + signal.SIGTERM
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model"]
 
@@ -165,7 +173,7 @@ def test_nan_images_change_no_weight(tiny_weights):
     model = train_uni.build_model(cfg).train()
     optimizer = train_uni.build_optimizer(model, cfg)
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
-    loss, finite = train_uni.train_step(model, optimizer, torch.full((2, 3, 56, 56), float("nan")), 5, 1e-3, cfg)
+    loss, finite, _ = train_uni.train_step(model, optimizer, torch.full((2, 3, 56, 56), float("nan")), 5, 1e-3, cfg)
     assert not finite and loss != loss
     assert all(torch.equal(before[k], v) for k, v in model.trainable_state_dict().items())
     assert not optimizer.state

@@ -44,7 +44,7 @@ def test_two_gloo_processes_equal_one_process(synthetic_data, tiny_weights, tmp_
 
 def test_bf16_on_cpu_detects_synthetic_defects(synthetic_data, tiny_weights, tmp_path):
     run_script("train_uni.py", tiny_run_args(synthetic_data, tiny_weights, tmp_path, precision="bf16",
-                                             cache_features="memory"))
+                                             cache_features="memory", allow_emulated_bf16="true"))
     with open(tmp_path / "run" / "results.csv") as f:
         mean = {r["class"]: r for r in csv.DictReader(f)}["mean"]
     assert float(mean["I-AUROC"]) >= 90.0, mean
@@ -76,10 +76,11 @@ def test_feature_cache_holds_the_encoder_outputs(synthetic_data, tiny_weights, t
         (fused, groups), index = cache[i]
         with autocast(torch.device("cpu"), precision):
             want_fused, want_groups = model.encode(train_set[i][0][None])
-        assert index == i and fused.dtype == want_fused.dtype
-        torch.testing.assert_close(fused, want_fused[0], rtol=1e-5, atol=1e-5)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # stored in the compute dtype
+        assert index == i and fused.dtype == dtype and all(g.dtype == dtype for g in groups)
+        torch.testing.assert_close(fused, want_fused[0].to(dtype), rtol=1e-5, atol=1e-5)
         for got, want in zip(groups, want_groups):
-            torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want[0].to(dtype), rtol=1e-5, atol=1e-5)
         en, de = model(((fused[None], [g[None] for g in groups])))
         assert torch.equal(en[0][0], groups[0])
 

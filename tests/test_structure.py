@@ -1,6 +1,5 @@
 """The structure that makes ablations cheap: inherited configs, defaults for keys an old run lacks,
 and encoders with other patch sizes through the same code path."""
-import signal
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 import yaml
 
 from conftest import ROOT, meta_state_dict, run_script, tiny_run_args
-from test_reliability import start, wait_for
+from test_reliability import interrupt_after_first_checkpoint
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import DEFAULTS, ConfigError, load_config, parse_args
 
@@ -60,10 +59,7 @@ def _drop_key_from_saved_configs(run_dir: Path, key: str) -> None:
 def test_old_run_without_a_key_resumes_and_evaluates(synthetic_data, tiny_weights, tmp_path):
     args = tiny_run_args(synthetic_data, tiny_weights, tmp_path, total_iters=30, warmup_iters=5, ckpt_every=5,
                          classes="stripes")
-    process = start("train_uni.py", args)
-    wait_for(tmp_path / "run" / "checkpoint.pth", process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait() == 128 + signal.SIGTERM
+    interrupt_after_first_checkpoint("train_uni.py", args, tmp_path / "run")
     _drop_key_from_saved_configs(tmp_path / "run", "attn_eps")
     run_script("train_uni.py", ["--resume", tmp_path / "run"])
     log = (tmp_path / "run" / "log.txt").read_text()

@@ -11,7 +11,7 @@ import torch
 from models import Dinomaly, build_model, load_state_dict_strict
 from models.registry import load_weights_file
 from .config import validate
-from .distributed import barrier, is_main
+from .distributed import all_gather_objects, barrier, is_main, rank
 from .evaluation import EvaluationResult
 from .rng import capture_rng, restore_rng
 
@@ -86,22 +86,25 @@ class TrainState:
 
 def save_training(path: Path, model: Dinomaly, optimizer: torch.optim.Optimizer, state: TrainState, cfg: dict,
                   classes: list[str], finished: bool = False) -> None:
-    """Rank 0 writes a resumable checkpoint (or, `finished`, the slim final one); the others wait."""
+    """Rank 0 writes a resumable checkpoint (or, `finished`, the slim final one) holding every process's
+    random states; the others wait."""
+    rng = all_gather_objects(capture_rng()) if not finished else None
     if is_main():
         payload = {"config": cfg, "model": model.trainable_state_dict(), "step": state.step, "classes": classes,
                    "results": state.results.rows if state.results else None,
                    "defects": state.results.defects if state.results else None,
                    "reshuffles": state.reshuffles, "finished": finished}
         if not finished:
-            payload.update(optimizer=optimizer.state_dict(), rng=capture_rng(), losses=state.losses)
+            payload.update(optimizer=optimizer.state_dict(), rng=rng, losses=state.losses)
         save_checkpoint(path, payload)
     barrier()
 
 
-def restore_training(checkpoint: dict, model: Dinomaly, optimizer: torch.optim.Optimizer) -> TrainState:
+def restore_training(checkpoint: dict, model: Dinomaly, optimizer: torch.optim.Optimizer,
+                     note: Callable[[str], None] = print) -> TrainState:
     load_trainable(model, checkpoint["model"], f"checkpoint {checkpoint['path']}")
     optimizer.load_state_dict(checkpoint["optimizer"])
-    restore_rng(checkpoint["rng"])
+    restore_rng(checkpoint["rng"], rank(), checkpoint["config"]["seed"], note)
     return TrainState(checkpoint["step"], checkpoint["reshuffles"], saved_results(checkpoint),
                       list(checkpoint["losses"]))
 
@@ -120,7 +123,7 @@ def rollback(path: Path, model: Dinomaly, optimizer: torch.optim.Optimizer, stat
     if not path.is_file():
         raise TrainingDiverged(f"training went wrong at step {state.step} before the first checkpoint in {path}; "
                                f"try a lower lr, attn_eps > 0, or another seed")
-    restored = restore_training(load_checkpoint(path), model, optimizer)
+    restored = restore_training(load_checkpoint(path), model, optimizer, log)
     restored.reshuffles = max(restored.reshuffles, state.reshuffles) + 1
     log(f"rolled back to step {restored.step} ({path}); data order reshuffled ({restored.reshuffles})")
     return restored

@@ -11,6 +11,7 @@ checkpoint lacks gets its default and a note.
 """
 import argparse
 import difflib
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union, get_args, get_origin
 
@@ -55,6 +56,7 @@ CHOICES = {
     "dataset": ("mvtec", "visa", "mpdd", "realiad", "folder"),
     "attention": ("linear", "softmax"),
     "sampler": ("uniform", "class_balanced"),
+    "check_images": ("full", "header"),
     "realiad_split": ("mv", "sv"),
     "precision": ("fp32", "bf16", "fp16"),
     "image_cache": ("none", "memory", "disk"),
@@ -194,7 +196,8 @@ def parse_known(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
         options = [o.lstrip("-") for o in parser._option_string_actions if o.startswith("--")]
         close = difflib.get_close_matches(flag.lstrip("-"), options, n=1)
         hint = f"; did you mean '--{close[0]}'?" if close else ""
-        parser.error(f"unknown option '{flag}'{hint}")
+        print(f"error: unknown option '{flag}'{hint} (see --help)", file=sys.stderr)
+        sys.exit(2)
     return args
 
 

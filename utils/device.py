@@ -1,7 +1,14 @@
 """Where and in which precision the model runs."""
+import os
+import platform
 import resource
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
+
+from .config import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -11,18 +18,57 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+        raise ConfigError(f"device '{name}' requested but CUDA is not available; use --device cpu")
     return device
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def autocast(device: torch.device, precision: str):
     """Mixed precision for the encoder and decoder; fp32 (the recipe) disables it."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
-    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+        raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=compute_dtype(precision), enabled=precision != "fp32")
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX). Without it PyTorch emulates
+    bf16 and a step is about 20x slower than fp32. Read from /proc/cpuinfo; elsewhere a short probe."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags = set(cpuinfo.read_text().split())
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return _bf16_probe_seconds(torch.bfloat16) < 2 * _bf16_probe_seconds(torch.float32)
+
+
+def _bf16_probe_seconds(dtype: torch.dtype) -> float:
+    a = torch.randn(512, 512).to(dtype)
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    return time.perf_counter() - start
+
+
+def cpu_description() -> str:
+    """What the CPU offers torch, printed beside every CPU timing."""
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch kernels {torch.backends.cpu.get_cpu_capability()}, "
+            f"bf16 {'native' if cpu_bf16_native() else 'emulated'}")
+
+
+def effective_precision(cfg: dict, device: torch.device, note: Callable[[str], None]) -> str:
+    """The precision a run uses: bf16 on a CPU that only emulates it becomes fp32 (with a note), since
+    an option sold as a speed-up must not slow the run down 20x, unless allow_emulated_bf16 is set."""
+    if (cfg["precision"] == "bf16" and device.type == "cpu" and not cfg["allow_emulated_bf16"]
+            and not cpu_bf16_native()):
+        note("note: this CPU has no native bf16 (no avx512_bf16/amx_bf16): bf16 would be emulated, about 20x "
+             "slower than fp32, so this run uses fp32; pass --allow_emulated_bf16 true to insist")
+        return "fp32"
+    return cfg["precision"]
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -46,6 +46,15 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (a list of one without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         values = values.clone()

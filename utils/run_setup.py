@@ -13,10 +13,11 @@ from typing import Callable
 import torch
 
 from datasets import DatasetLayoutError
+from models.registry import WeightsError
 from .checkpoint import CheckpointError, TrainingDiverged
-from .config import (SCHEMA, ConfigError, build_parser, collect_overrides, config_from_args, dump, load_yaml,
+from .config import (DEFAULTS, SCHEMA, ConfigError, build_parser, collect_overrides, config_from_args, dump, load_yaml,
                      parse_known, validate)
-from .device import resolve_device
+from .device import effective_precision, resolve_device
 from .distributed import broadcast, init_distributed, is_main, shutdown
 from .evaluation import EvaluationResult, format_markdown, write_tables
 
@@ -24,7 +25,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RESUME_OVERRIDES = ("device", "num_workers", "data_path", "ckpt_every", "max_bad_steps", "spike_factor",
                     "spike_rollback")
 # Mistakes a user can make (paths, values, files): reported as one line, never as a traceback.
-USER_ERRORS = (CheckpointError, ConfigError, DatasetLayoutError, FileExistsError, FileNotFoundError, TrainingDiverged)
+USER_ERRORS = (CheckpointError, ConfigError, DatasetLayoutError, FileExistsError, FileNotFoundError, TrainingDiverged,
+               WeightsError)
 
 
 class RunLog:
@@ -56,30 +58,54 @@ def create_run_dir(output_dir: str, run_name: str, overwrite: bool = False) -> P
     return run_dir
 
 
-def default_run_name(config_path: str) -> str:
-    return f"{Path(config_path).stem}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+def default_run_name(cfg: dict, setting: str) -> str:
+    """What was trained: <dataset>_<setting>[_<class>][_<encoder>]_<date>_<time>; the class when only one,
+    the encoder when it is not the recipe's."""
+    parts = [cfg["dataset"], setting]
+    if cfg["classes"] and len(cfg["classes"]) == 1:
+        parts.append(cfg["classes"][0])
+    if cfg["encoder"] != DEFAULTS["encoder"]:
+        parts.append(cfg["encoder"])
+    return "_".join(parts + [f"{datetime.datetime.now():%Y%m%d_%H%M%S}"])
 
 
 def parse_run_args(argv: list[str], default_config: str, description: str,
                    note: Callable[[str], None]) -> tuple[dict, argparse.Namespace]:
-    """The config and options of a new run, or, with --resume RUN_DIR, the run's own saved config."""
+    """The config and options of a new run, or, with --resume, the run's own saved config.
+
+    `--resume RUN_DIR` alone continues RUN_DIR. `--resume` added to the command that started the run
+    continues <output_dir>/<run_name> of that command. Either way a value given here that differs from
+    the saved one is refused (naming each key and both values), except those of RESUME_OVERRIDES."""
     parser = build_parser(str(CONFIGS / default_config), description, extra=[
         ("--overwrite", dict(action="store_true", help="replace an existing run directory")),
-        ("--resume", dict(metavar="RUN_DIR", help="continue this run where it stopped"))])
+        ("--resume", dict(metavar="RUN_DIR", nargs="?", const="",
+                          help="continue this run where it stopped (no value: the run this command names)"))])
     args = parse_known(parser, argv)
-    if not args.resume:
+    setting = Path(default_config).stem.split("_")[-1]
+    if args.resume is None:
         cfg = config_from_args(args)
-        cfg["run_name"] = cfg["run_name"] or default_run_name(args.config)
+        cfg["run_name"] = cfg["run_name"] or default_run_name(cfg, setting)
         return cfg, args
-    saved = Path(args.resume) / "config.yaml"
-    if not saved.is_file():
-        raise FileNotFoundError(f"cannot resume: {saved} not found (is {args.resume} a run directory?)")
+    explicit_config = any(a == "--config" or a.startswith("--config=") for a in argv)
     overrides = collect_overrides(args, SCHEMA)
-    fixed = sorted(set(overrides) - set(RESUME_OVERRIDES))
-    if fixed:
-        raise ConfigError(f"--{fixed[0]} cannot change when resuming; only {', '.join(RESUME_OVERRIDES)} can")
-    return validate({**load_yaml(saved), **overrides}, str(saved), note), args
-
+    given = {**(config_from_args(args) if explicit_config else {}), **overrides}
+    if not args.resume:
+        if not given.get("run_name"):
+            raise ConfigError("--resume without a RUN_DIR continues the run named by --run_name (and --output_dir); "
+                              "give --run_name, or --resume RUN_DIR")
+        args.resume = str(Path(given.get("output_dir", DEFAULTS["output_dir"])) / given["run_name"])
+    saved_path = Path(args.resume) / "config.yaml"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"cannot resume: {saved_path} not found (is {args.resume} a run directory?)")
+    saved = validate(load_yaml(saved_path), str(saved_path), note)
+    changed = [key for key, value in given.items()
+               if key not in RESUME_OVERRIDES and value != saved[key] and not (key == "run_name" and value is None)]
+    if changed:
+        raise ConfigError("; ".join(f"--{key} cannot change when resuming ({given[key]!r} given, {saved[key]!r} in "
+                                    f"{saved_path})" for key in changed)
+                          + f"; only {', '.join(RESUME_OVERRIDES)} can")
+    return validate({**saved, **{k: v for k, v in overrides.items() if k in RESUME_OVERRIDES}}, str(saved_path),
+                    note), args
 
 
 def start(argv: list[str], default_config: str, description: str
@@ -91,6 +117,10 @@ def start(argv: list[str], default_config: str, description: str
     device = init_distributed(resolve_device(cfg["device"]))
     if cfg["precision"] == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
+    cfg["precision"] = effective_precision(cfg, device, notes.append)
+    weights = cfg["encoder_weights"]
+    if weights not in (None, "random") and not Path(weights).expanduser().is_file():
+        raise FileNotFoundError(f"encoder weights not found: {weights}")
     cfg["run_name"] = broadcast(cfg["run_name"])
     return cfg, args, device, notes
 

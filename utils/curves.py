@@ -1,0 +1,127 @@
+"""Training curves without a server or an account: CSVs and PNG plots in the run directory.
+
+    train_steps.csv      one row per step: loss, lr, grad norm, hard-mining easy share, s/step, images/s
+    eval_metrics.csv     one row per class (and the mean) per evaluation, metrics in percent
+    curves.png           loss and lr against step          (refreshed at each log line and evaluation)
+    metrics.png          mean metrics against step         (refreshed at each evaluation)
+    per_class.png        the final metrics of every class  (at the end)
+"""
+import csv
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display needed, safe in data-loader workers and under torchrun
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .evaluation import TABLE_COLUMNS, mean_row  # noqa: E402
+
+STEP_COLUMNS = ("step", "loss", "lr", "grad_norm", "hm_easy_share", "s_per_step", "images_per_s")
+EVAL_COLUMNS = ("step", "class") + TABLE_COLUMNS
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Curves:
+    """Appends rows as training goes; on resume or rollback, rows past the restored step are dropped
+    so that every step appears once."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.steps_csv = self.run_dir / "train_steps.csv"
+        self.eval_csv = self.run_dir / "eval_metrics.csv"
+        self.enabled = enabled
+        self.restart_at(start_step)
+
+    def restart_at(self, step: int) -> None:
+        if not self.enabled:
+            return
+        for path, columns in ((self.steps_csv, STEP_COLUMNS), (self.eval_csv, EVAL_COLUMNS)):
+            kept = [row for row in read_rows(path) if int(row["step"]) <= step]
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(kept)
+
+    def _append(self, path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+        if self.enabled:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=columns).writerows(rows)
+
+    def log_step(self, step: int, loss: float, lr: float, grad_norm: float, easy_share: float, seconds: float,
+                 batch_size: int) -> None:
+        self._append(self.steps_csv, STEP_COLUMNS, [{
+            "step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}", "grad_norm": f"{grad_norm:.6g}",
+            "hm_easy_share": f"{easy_share:.4g}", "s_per_step": f"{seconds:.4g}",
+            "images_per_s": f"{batch_size / seconds:.4g}" if seconds > 0 else "nan"}])
+
+    def log_eval(self, step: int, rows: dict[str, dict[str, float]]) -> None:
+        table = list(rows.items()) + [("mean", mean_row(rows))]
+        self._append(self.eval_csv, EVAL_COLUMNS, [
+            {"step": step, "class": name, **{k: f"{100 * row[k]:.4f}" for k in TABLE_COLUMNS}} for name, row in table])
+        self.plot()
+
+    def plot(self) -> None:
+        if self.enabled:
+            plot_training(read_rows(self.steps_csv), self.run_dir / "curves.png")
+            plot_metrics(read_rows(self.eval_csv), self.run_dir / "metrics.png")
+
+    def plot_final(self, rows: Optional[dict[str, dict[str, float]]]) -> None:
+        self.plot()
+        if self.enabled and rows:
+            plot_per_class(rows, self.run_dir / "per_class.png")
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_training(rows: list[dict[str, str]], path: Path) -> None:
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax_loss.plot(steps, [float(r["loss"]) for r in rows], lw=0.8)
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_yscale("log")
+    ax_lr.plot(steps, [float(r["lr"]) for r in rows], color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    _save(fig, path)
+
+
+def plot_metrics(rows: list[dict[str, str]], path: Path) -> None:
+    mean = [r for r in rows if r["class"] == "mean"]
+    if not mean:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    steps = [int(r["step"]) for r in mean]
+    for column in TABLE_COLUMNS:
+        ax.plot(steps, [float(r[column]) for r in mean], marker="o", label=column)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean over classes (%)")
+    ax.legend(fontsize=8, ncol=2)
+    _save(fig, path)
+
+
+def plot_per_class(rows: dict[str, dict[str, float]], path: Path, columns=("I-AUROC", "P-AUROC", "P-AP", "AUPRO")
+                   ) -> None:
+    names = list(rows) + ["mean"]
+    table = {**rows, "mean": mean_row(rows)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) * len(columns) / 2), 5))
+    width = 0.8 / len(columns)
+    for j, column in enumerate(columns):
+        ax.bar([i + j * width for i in range(len(names))], [100 * table[n][column] for n in names], width, label=column)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=45, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 115)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(columns))
+    _save(fig, path)
