@@ -34,7 +34,7 @@ from utils.checkpoint import (TrainState, finished_result, previous_checkpoint, 
 from utils.curves import Curves
 from utils.device import autocast
 from utils.distributed import barrier, is_main, mean_over_ranks, rank, world_size
-from utils.evaluation import EvaluationResult, evaluate
+from utils.evaluation import EvaluationResult, evaluate, paper_per_class
 from utils.guard import TrainingGuard
 from utils.loss import global_cosine_hm, hard_mining_p
 from utils.optim import StableAdamW, lr_at, warmup_cosine_schedule
@@ -217,7 +217,7 @@ def main(argv: list[str]) -> None:
         log(line)
     checkpoint = previous_checkpoint(run_dir / "checkpoint.pth") if args.resume else None
     result = finished_result(checkpoint) or train(cfg, train_set, test_sets, run_dir, log, device, checkpoint)
-    finish(run_dir, result, log)
+    finish(run_dir, result, log, paper_per_class(cfg["dataset"]))  # the paper's table is multi-class
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from .folder import DatasetLayoutError, TestSample
 CLASSES = ["audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts", "pcb",
            "phone_battery", "plastic_nut", "plastic_plug", "porcelain_doll", "regulator", "rolled_strip_base",
            "sim_card_set", "switch", "tape", "terminalblock", "toothbrush", "toy", "toy_brick", "transistor1",
-           "u_block", "usb", "usb_adaptor", "vcpb", "wooden_beads", "woodstick", "zipper"]
+           "u_block", "usb", "usb_adaptor", "vcpill", "wooden_beads", "woodstick", "zipper"]
 JSON_FOLDERS = {"mv": "realiad_jsons", "sv": "realiad_jsons_sv"}
 
 

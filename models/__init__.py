@@ -12,7 +12,10 @@ def build_model(cfg: dict) -> Dinomaly:
 
 
 def input_normalization(cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean and std the data pipeline normalises images with: those of the configured encoder."""
+    """The mean and std the data pipeline normalises images with: ImageNet's for every encoder (the
+    reference shares one transform), or with input_norm: encoder, those its weights were trained with."""
+    if cfg["input_norm"] == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
     spec = get_spec(cfg["encoder"])
     return spec.mean, spec.std
 

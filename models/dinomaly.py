@@ -1,10 +1,13 @@
-"""Dinomaly: frozen DINOv2 encoder -> noisy MLP bottleneck -> linear-attention ViT decoder.
+"""Dinomaly: frozen encoder -> noisy MLP bottleneck -> linear-attention ViT decoder.
 
 The decoder reconstructs two groups of encoder layers; the cosine distance between the encoder's and
-the decoder's group features is the anomaly map.
+the decoder's group features is the anomaly map. The paper's variants are switches of this file, off
+in the recipe: feature jitter in the bottleneck, softmax attention or a ConvBlock as the decoder's
+spatial mixer, and UniAD's neighbour mask for either attention.
 """
+import math
 from functools import partial
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -14,19 +17,48 @@ from .dinov2 import Attention, Mlp
 from .encoder_interface import Encoder
 
 
-class NoisyBottleneck(nn.Module):
-    """MLP C -> 4C -> C whose dropout (input, hidden and output) is the 'noise' that blocks identity mapping."""
+class FeatureJitter(nn.Module):
+    """UniAD's feature jitter, in training only: x + N(0, 1) * scale * |x| / C per token."""
 
-    def __init__(self, dim: int, dropout: float):
+    def __init__(self, scale: float):
         super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x + torch.randn_like(x) * (x.norm(dim=-1, keepdim=True) / x.shape[-1]) * self.scale
+
+
+class NoisyBottleneck(nn.Module):
+    """MLP C -> 4C -> C whose dropout (input, hidden and output) is the 'noise' that blocks identity
+    mapping; `jitter` > 0 puts feature jitter in front (the Table A6 alternative, with dropout 0)."""
+
+    def __init__(self, dim: int, dropout: float, jitter: float):
+        super().__init__()
+        self.jitter = FeatureJitter(jitter) if jitter > 0 else nn.Identity()
         self.fc1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(4 * dim, dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(self.drop(x))))
+        x = self.drop(self.act(self.fc1(self.drop(self.jitter(x)))))
         return self.drop(self.fc2(x))
+
+
+def neighbour_mask(grid: tuple[int, int], size: int, prefix: int, device: torch.device) -> torch.Tensor:
+    """N x N bool, True where attention is removed: for each patch query, the keys in the size x size
+    square centred on it (itself included), clipped at the border; prefix tokens are never masked.
+    UniAD's neighbour-masked attention, as the reference's generate_mask builds it."""
+    h, w = grid
+    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+    near_rows = (rows[:, None] - rows[None, :]).abs() <= size // 2
+    near_cols = (cols[:, None] - cols[None, :]).abs() <= size // 2
+    patches = (near_rows[:, None, :, None] & near_cols[None, :, None, :]).reshape(h * w, h * w)
+    mask = torch.zeros(prefix + h * w, prefix + h * w, dtype=torch.bool, device=device)
+    mask[prefix:, prefix:] = patches
+    return mask
 
 
 class LinearAttention(nn.Module):
@@ -43,20 +75,43 @@ class LinearAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+        if mask is not None:  # the masked weights must be dropped before normalising: the explicit N x N form
+            weights = (q @ k.transpose(-2, -1)).masked_fill(mask, 0.0)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
+            return self.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
         kv = torch.einsum("bhsd,bhse->bhde", k, v)
         normaliser = torch.einsum("bhsd,bhd->bhs", q, k.sum(dim=-2)) + self.eps
         x = torch.einsum("bhsd,bhde->bhse", q, kv) / normaliser.unsqueeze(-1)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+class ConvMixer(nn.Module):
+    """The ConvBlock spatial mixer of Table A5 (MetaFormer's inverted separable conv, as the reference's
+    SepConv): 1x1 conv to 2C (no bias), GELU, kernel x kernel depth-wise conv (no bias), 1x1 conv back.
+    It sees only patch tokens: with it the decoder runs without class and register tokens."""
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.pwconv1 = nn.Linear(dim, 2 * dim, bias=False)
+        self.act = nn.GELU()
+        self.dwconv = nn.Conv2d(2 * dim, 2 * dim, kernel, padding=kernel // 2, groups=2 * dim, bias=False)
+        self.pwconv2 = nn.Linear(2 * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        side = int(math.isqrt(N))
+        x = self.act(self.pwconv1(x)).transpose(1, 2).reshape(B, -1, side, side)
+        return self.pwconv2(self.dwconv(x).flatten(2).transpose(1, 2))
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm ViT block, LayerNorm eps 1e-8, no LayerScale, no drop-path, no dropout."""
 
-    def __init__(self, dim: int, num_heads: int, attention: str, attn_eps: float):
+    def __init__(self, dim: int, num_heads: int, attention: str, attn_eps: float, conv_kernel: int):
         super().__init__()
         norm = partial(nn.LayerNorm, eps=1e-8)
         self.norm1 = norm(dim)
@@ -64,13 +119,15 @@ class DecoderBlock(nn.Module):
             self.attn = LinearAttention(dim, num_heads, eps=attn_eps)
         elif attention == "softmax":
             self.attn = Attention(dim, num_heads)
+        elif attention == "conv":
+            self.attn = ConvMixer(dim, conv_kernel)
         else:
-            raise ValueError(f"attention must be 'linear' or 'softmax', got '{attention}'")
+            raise ValueError(f"attention must be 'linear', 'softmax' or 'conv', got '{attention}'")
         self.norm2 = norm(dim)
         self.mlp = Mlp(dim, 4 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -97,7 +154,8 @@ class Dinomaly(nn.Module):
 
     def __init__(self, encoder: Encoder, *, target_layers: Sequence[int],
                  fuse_layer_encoder: Sequence[Sequence[int]], fuse_layer_decoder: Sequence[Sequence[int]],
-                 decoder_depth: int, dropout: float, attention: str, attn_eps: float):
+                 decoder_depth: int, dropout: float, attention: str, attn_eps: float, feature_jitter: float,
+                 neighbor_mask: int, conv_kernel: int):
         super().__init__()
         if sorted(target_layers) != list(target_layers) or target_layers[-1] >= len(encoder.blocks):
             raise ValueError(f"target_layers {list(target_layers)} must be increasing block indices "
@@ -113,8 +171,14 @@ class Dinomaly(nn.Module):
         self.fuse_layer_encoder = [list(g) for g in fuse_layer_encoder]
         self.fuse_layer_decoder = [list(g) for g in fuse_layer_decoder]
         dim, heads = encoder.embed_dim, encoder.num_heads
-        self.bottleneck = NoisyBottleneck(dim, dropout)
-        self.decoder = nn.ModuleList([DecoderBlock(dim, heads, attention, attn_eps) for _ in range(decoder_depth)])
+        if neighbor_mask and attention == "conv":
+            raise ValueError("neighbor_mask applies to attention (linear or softmax), not to the conv mixer")
+        self.neighbor_mask = neighbor_mask
+        # the conv mixer needs a square grid of patch tokens: class and register tokens never reach the decoder
+        self.decoder_prefix = 0 if attention == "conv" else encoder.num_prefix_tokens
+        self.bottleneck = NoisyBottleneck(dim, dropout, feature_jitter)
+        self.decoder = nn.ModuleList([DecoderBlock(dim, heads, attention, attn_eps, conv_kernel)
+                                      for _ in range(decoder_depth)])
         init_trainable(self.bottleneck)
         init_trainable(self.decoder)
 
@@ -122,7 +186,9 @@ class Dinomaly(nn.Module):
     def from_config(cls, encoder: Encoder, cfg: dict) -> "Dinomaly":
         return cls(encoder, target_layers=cfg["target_layers"], fuse_layer_encoder=cfg["fuse_layer_encoder"],
                    fuse_layer_decoder=cfg["fuse_layer_decoder"], decoder_depth=cfg["decoder_depth"],
-                   dropout=cfg["dropout"], attention=cfg["attention"], attn_eps=cfg["attn_eps"])
+                   dropout=cfg["dropout"], attention=cfg["attention"], attn_eps=cfg["attn_eps"],
+                   feature_jitter=cfg["feature_jitter"], neighbor_mask=cfg["neighbor_mask"],
+                   conv_kernel=cfg["conv_kernel"])
 
     def train(self, mode: bool = True) -> "Dinomaly":
         super().train(mode)
@@ -153,17 +219,20 @@ class Dinomaly(nn.Module):
 
     def decode(self, fused: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
         """The trained half: bottleneck and decoder, grouped in reverse block order like the encoder."""
-        x = self.bottleneck(fused)
+        x = self.bottleneck(fused[:, self.encoder.num_prefix_tokens - self.decoder_prefix:])
+        mask = (neighbour_mask(grid, self.neighbor_mask, self.decoder_prefix, x.device) if self.neighbor_mask
+                else None)
         layers = []
         for block in self.decoder:
-            x = block(x)
+            x = block(x, mask)
             layers.append(x)
         layers = layers[::-1]
-        return [self._to_map(_mean([layers[i] for i in group]), grid) for group in self.fuse_layer_decoder]
+        return [self._to_map(_mean([layers[i] for i in group]), grid, self.decoder_prefix)
+                for group in self.fuse_layer_decoder]
 
-    def _to_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Strip CLS and register tokens; B x (h*w) x C -> B x C x h x w."""
-        patches = tokens[:, self.encoder.num_prefix_tokens:]
+    def _to_map(self, tokens: torch.Tensor, grid: tuple[int, int], prefix: Optional[int] = None) -> torch.Tensor:
+        """Strip CLS and register tokens (`prefix` of them); B x (h*w) x C -> B x C x h x w."""
+        patches = tokens[:, self.encoder.num_prefix_tokens if prefix is None else prefix:]
         return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid).contiguous()
 
     def forward(self, inputs: Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]

@@ -1,9 +1,15 @@
-"""DINOv2 Vision Transformer, written to load Meta's checkpoints key for key.
+"""DINO-style Vision Transformers, written to load the official checkpoints key for key.
 
-Module names mirror facebookresearch/dinov2 (`patch_embed.proj`, `blocks.{i}.attn.qkv`, `ls1.gamma`,
-...) so that `load_state_dict(strict=True)` on an official file is the whole loading story.
+One class serves two generations that differ only in what follows:
+  DINOv2 (facebookresearch/dinov2): LayerScale in every block (`ls1.gamma`), a `mask_token`, optional
+      register tokens, built at 518 px (a 37 x 37 position grid for 14-pixel patches);
+  DINO v1's ViT (facebookresearch/dino), which the reference also runs iBOT, MAE, MoCo v3, DeiT and
+      D-iGPT weights in: no LayerScale, no mask token, built at 224 px (14 x 14 grid for 16-pixel patches).
+Both: pre-norm blocks, LayerNorm eps 1e-6, qkv bias, and a bicubic position-embedding resize with
+the +0.1 offset. Module names mirror the official code so that strict loading is the whole story.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -31,10 +37,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`mask` (the decoder's neighbour-mask ablation): weights where it is True are set to 0 after the
+        softmax, without renormalising, as the reference does."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if mask is None:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1).masked_fill(mask, 0.0) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -73,16 +84,16 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block with LayerScale, LayerNorm eps 1e-6, as in DINOv2."""
+    """Pre-norm block, LayerNorm eps 1e-6; with LayerScale (DINOv2) or without (DINO v1, `layer_scale` False)."""
 
-    def __init__(self, dim: int, num_heads: int, ffn: str = "mlp", init_values: float = 1e-5):
+    def __init__(self, dim: int, num_heads: int, ffn: str = "mlp", layer_scale: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim, init_values)
+        self.ls1 = LayerScale(dim, 1e-5) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = (SwiGLUFFN if ffn == "swiglu" else Mlp)(dim, 4 * dim)
-        self.ls2 = LayerScale(dim, init_values)
+        self.ls2 = LayerScale(dim, 1e-5) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x)))
@@ -90,12 +101,13 @@ class Block(nn.Module):
 
 
 class DinoVisionTransformer(nn.Module):
-    """DINOv2 backbone built at img_size 518 (a 37x37 positional grid, resized at every forward).
-    Implements models.encoder_interface.Encoder."""
+    """DINOv2 backbone built at img_size 518 (a 37x37 positional grid, resized at every forward), or
+    with `dinov2=False` DINO v1's ViT. Implements models.encoder_interface.Encoder."""
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, num_register_tokens: int = 0,
                  ffn: str = "mlp", patch_size: int = 14, img_size: int = 518,
-                 interpolate_offset: float = 0.1, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+                 interpolate_offset: float = 0.1, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD,
+                 dinov2: bool = True):
         super().__init__()
         self.mean, self.std = tuple(mean), tuple(std)
         self.embed_dim = embed_dim
@@ -109,8 +121,8 @@ class DinoVisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
                                 if num_register_tokens else None)
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, ffn) for _ in range(depth)])
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if dinov2 else None
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, ffn, layer_scale=dinov2) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -122,7 +134,8 @@ class DinoVisionTransformer(nn.Module):
         return 1 + self.num_register_tokens
 
     def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
-        """DINOv2's resize: bicubic, no antialias, scale factor (grid + 0.1) / 37 to dodge rounding."""
+        """DINO's resize (v1 and v2 alike): bicubic, no antialias, scale factor (grid + 0.1) / side of the
+        stored grid, the offset dodging floor() rounding the size down."""
         pos_embed = self.pos_embed
         n = pos_embed.shape[1] - 1
         if num_patches == n and h == w:

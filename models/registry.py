@@ -5,6 +5,7 @@ a checkpoint that does not match the architecture is an error, never a half-load
 """
 import hashlib
 import os
+import re
 import urllib.error
 import urllib.request
 import warnings
@@ -14,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .beit import BeitVisionTransformer
 from .dinov2 import DinoVisionTransformer
 from .encoder_interface import IMAGENET_MEAN, IMAGENET_STD, Encoder
 
@@ -27,22 +29,33 @@ _URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/dinov2_vit{s}14{re
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Everything needed to build an encoder and fetch its weights, without building it."""
+    """Everything needed to build an encoder and read its official file, without building it.
+
+    The file layout: the weights sit under `checkpoint_key` (None: at the top), their names start with
+    `prefix` (removed), and keys matching `dropped` are extras of the real file that the encoder does
+    not use (classification heads, decoders, momentum encoders, ...), dropped on purpose. Every other
+    key must match the architecture exactly."""
     embed_dim: int
     depth: int
     num_heads: int
     num_register_tokens: int
     ffn: str = "mlp"
     url: Optional[str] = None
-    sha256: Optional[str] = None
+    sha256: Optional[str] = None          # the full digest, or the prefix an official file name carries
     patch_size: int = 14
     pos_grid: int = 37                    # side of the position-embedding grid stored in the weights
-    mean: tuple[float, float, float] = IMAGENET_MEAN
+    mean: tuple[float, float, float] = IMAGENET_MEAN   # the statistics the weights were trained with
     std: tuple[float, float, float] = IMAGENET_STD
+    family: str = "dinov2"                # dinov2, dino (DINO v1's ViT) or beit
+    cache_name: Optional[str] = None      # file name in the cache when the URL's is not unique
+    checkpoint_key: Optional[str] = None
+    prefix: str = ""
+    dropped: tuple[str, ...] = ()         # regular expressions
+    how_to_get: str = ""                  # for weights without a download URL
 
     @property
     def file_name(self) -> Optional[str]:
-        return self.url.rsplit("/", 1)[-1] if self.url else None
+        return self.cache_name or (self.url.rsplit("/", 1)[-1] if self.url else None)
 
 
 _SIZES = {"small": ("s", 384, 12, 6, "mlp"), "base": ("b", 768, 12, 12, "mlp"),
@@ -59,7 +72,58 @@ for _size, (_s, _dim, _depth, _heads, _ffn) in _SIZES.items():
         _name = f"{_prefix}_vit_{_size}_14"
         ENCODERS[_name] = EncoderSpec(_dim, _depth, _heads, _reg, _ffn,
                                       _URL.format(s=_s, reg="_reg4" if _reg else ""), _SHA256.get(_name))
-# A tiny architecture with no official weights: for the test-suite and the offline CPU demo only.
+
+# The other foundation models of the paper's Table A4, named and fetched as the reference code
+# (guojiajeremy/Dinomaly, models/vit_encoder.py) does. All but BEiT run in DINO v1's ViT, built at 224 px.
+_HEAD = r"^head\."
+_V1 = dict(family="dino", num_register_tokens=0)
+_S16, _B16, _L16 = (dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, pos_grid=14),
+                    dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, pos_grid=14),
+                    dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, pos_grid=14))
+_DINO = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
+_IBOT = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/{0}_rand_mask/checkpoint_teacher.pth"
+_IBOT_LAYOUT = dict(checkpoint_key="state_dict", dropped=(_HEAD, r"^masked_embed$"))  # the iBOT head, the MIM token
+_MAE_LAYOUT = dict(checkpoint_key="model", dropped=(r"^decoder", r"^mask_token$"))  # MAE's decoder and mask token
+# MoCo v3: the query encoder under module.base_encoder.; the momentum encoder, the predictor and the
+# projection head are training-only. Its ViT-S has 12 heads; the reference runs it with DINO's 6, as here.
+_MOCO_LAYOUT = dict(checkpoint_key="state_dict", prefix="module.base_encoder.",
+                    dropped=(r"^module\.momentum_encoder\.", r"^module\.predictor\.", _HEAD))
+_BEIT_LAYOUT = dict(family="beit", checkpoint_key="model", dropped=(_HEAD, r"\.relative_position_index$"))
+ENCODERS.update({
+    "dino_vit_small_16": EncoderSpec(**_S16, **_V1, url=_DINO.format("dino_deitsmall16_pretrain")),
+    "dino_vit_base_16": EncoderSpec(**_B16, **_V1, url=_DINO.format("dino_vitbase16_pretrain")),
+    "dino_vit_small_8": EncoderSpec(**{**_S16, "patch_size": 8, "pos_grid": 28}, **_V1,
+                                    url=_DINO.format("dino_deitsmall8_pretrain")),
+    "dino_vit_base_8": EncoderSpec(**{**_B16, "patch_size": 8, "pos_grid": 28}, **_V1,
+                                   url=_DINO.format("dino_vitbase8_pretrain")),
+    "ibot_vit_small_16": EncoderSpec(**_S16, **_V1, **_IBOT_LAYOUT, url=_IBOT.format("vits_16"),
+                                     cache_name="ibot_vits_16_rand_mask_checkpoint_teacher.pth"),
+    "ibot_vit_base_16": EncoderSpec(**_B16, **_V1, **_IBOT_LAYOUT, url=_IBOT.format("vitb_16"),
+                                    cache_name="ibot_vitb_16_rand_mask_checkpoint_teacher.pth"),
+    "mae_vit_base_16": EncoderSpec(**_B16, **_V1, **_MAE_LAYOUT,
+                                   url="https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"),
+    "mae_vit_large_16": EncoderSpec(**_L16, **_V1, **_MAE_LAYOUT,
+                                    url="https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth"),
+    "mocov3_vit_small_16": EncoderSpec(**_S16, **_V1, **_MOCO_LAYOUT,
+                                       url="https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar"),
+    "mocov3_vit_base_16": EncoderSpec(**_B16, **_V1, **_MOCO_LAYOUT,
+                                      url="https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
+    "deit_vit_small_16": EncoderSpec(**_S16, **_V1, checkpoint_key="model", dropped=(_HEAD,), sha256="cd65a155",
+                                     url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"),
+    "deit_vit_base_16": EncoderSpec(**_B16, **_V1, checkpoint_key="model", dropped=(_HEAD,), sha256="b5f2ef4d",
+                                    url="https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"),
+    "beit_vit_base_16": EncoderSpec(**_B16, num_register_tokens=0, **_BEIT_LAYOUT, mean=(0.5, 0.5, 0.5),
+                                    std=(0.5, 0.5, 0.5), url="https://github.com/addf400/files/releases/download/"
+                                                             "v1.0/beit_base_patch16_224_pt22k_ft22k.pth"),
+    "beitv2_vit_base_16": EncoderSpec(**_B16, num_register_tokens=0, **_BEIT_LAYOUT,
+                                      url="https://github.com/addf400/files/releases/download/"
+                                          "BEiT-v2/beitv2_base_patch16_224_pt1k_ft21k.pth"),
+    "digpt_vit_base_16": EncoderSpec(**_B16, **_V1, **_MAE_LAYOUT, cache_name="D-iGPT_B_PT_1K.pth", how_to_get=(
+        "D-iGPT has no stable public download: get D-iGPT_B_PT_1K.pth from the D-iGPT authors' release "
+        "(github.com/OliverRensu/D-iGPT) and pass --encoder_weights PATH")),
+})
+
+# Tiny architectures with no official weights: for the test-suite and the offline CPU demo only.
 ENCODERS["dinov2_vit_tiny_14"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=0)
 ENCODERS["dinov2reg_vit_tiny_14"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=4)
 ENCODERS["dinov2_vit_tiny_16"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=0,
@@ -74,8 +138,24 @@ def get_spec(name: str) -> EncoderSpec:
 
 def build_encoder(name: str) -> Encoder:
     spec = get_spec(name)
+    if spec.family == "beit":
+        return BeitVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size,
+                                     spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std)
     return DinoVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.num_register_tokens, spec.ffn,
-                                 spec.patch_size, spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std)
+                                 spec.patch_size, spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std,
+                                 dinov2=spec.family == "dinov2")
+
+
+def official_layout(spec: EncoderSpec, raw: dict, path: Path) -> dict:
+    """The encoder's state dict out of an official file: unwrapped, prefix removed, extras dropped."""
+    if spec.checkpoint_key is not None:
+        if not isinstance(raw.get(spec.checkpoint_key), dict):
+            raise WeightsError(f"encoder weights {path} should hold the weights under the key "
+                               f"'{spec.checkpoint_key}' (the official {spec.family} layout); found keys: "
+                               f"{', '.join(map(str, list(raw)[:8]))}")
+        raw = raw[spec.checkpoint_key]
+    state = {k[len(spec.prefix):] if spec.prefix and k.startswith(spec.prefix) else k: v for k, v in raw.items()}
+    return {k: v for k, v in state.items() if not any(re.search(pattern, k) for pattern in spec.dropped)}
 
 
 def default_weights_dir() -> Path:
@@ -114,15 +194,15 @@ def resolve_weights(name: str, weights_dir: Optional[str] = None) -> Path:
     """Path of the official checkpoint in the cache, downloading and verifying it as needed."""
     spec = get_spec(name)
     if spec.url is None:
-        raise WeightsError(f"encoder '{name}' has no official weights; pass --encoder_weights PATH "
-                           f"or --encoder_weights random")
+        raise WeightsError(spec.how_to_get or f"encoder '{name}' has no official weights; pass --encoder_weights "
+                                              f"PATH or --encoder_weights random")
     path = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
     path = path / spec.file_name
     if not path.exists():
         _download(spec.url, path)
     if spec.sha256 is not None:
         actual = sha256_of(path)
-        if actual != spec.sha256:
+        if not actual.startswith(spec.sha256):
             raise WeightsError(f"sha256 mismatch for {path}: expected {spec.sha256}, got {actual}. "
                                f"The file is corrupt or not {spec.file_name}; delete it to download again.")
     return path
@@ -161,7 +241,8 @@ def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional
     """Build encoder `name` and load its weights.
 
     weights: None for the official checkpoint (downloaded into `weights_dir` on first use), a path to
-    a local file in Meta's layout, or "random" for an untrained encoder (tests and smoke runs only).
+    a local file in the family's official layout, or "random" for an untrained encoder (tests and
+    smoke runs only).
     """
     encoder = build_encoder(name)
     if weights == "random":
@@ -171,10 +252,11 @@ def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional
     path = Path(weights).expanduser() if weights else resolve_weights(name, weights_dir)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights not found: {path}")
-    state_dict = load_weights_file(path, "encoder weights")
-    if not isinstance(state_dict, dict):
-        raise WeightsError(f"encoder weights {path} hold a {type(state_dict).__name__}, expected a state dict "
-                           f"in Meta's layout")
+    raw = load_weights_file(path, "encoder weights")
+    if not isinstance(raw, dict):
+        raise WeightsError(f"encoder weights {path} hold a {type(raw).__name__}, expected a state dict "
+                           f"in the official layout of '{name}'")
+    state_dict = official_layout(get_spec(name), raw, path)
     load_state_dict_strict(encoder, state_dict, f"encoder weights {path} (for '{name}')")
     if verbose:
         print(f"Loaded encoder '{name}' from {path}", flush=True)

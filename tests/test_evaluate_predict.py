@@ -144,3 +144,20 @@ def test_aupro_paths_agree():
     masks[:8] = False
     row = class_metrics(maps.flatten(1).max(1).values, masks.flatten(1).any(1), maps, masks)
     assert row["AUPRO"] == aupro(maps, masks)
+
+
+def test_main_table_run_shows_the_papers_per_class_numbers(tmp_path):
+    from datasets import CLASSES
+    from utils.evaluation import EvaluationResult, paper_per_class, write_tables
+    for dataset in ("mvtec", "visa", "realiad"):
+        assert sorted(paper_per_class(dataset)) == sorted(CLASSES[dataset]), dataset  # same class names
+    paper = paper_per_class("mvtec")
+    metrics = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+    rows = {name: {**{k: 0.9 for k in metrics}, "mAD": 0.9} for name in ("bottle", "screw")}
+    write_tables(tmp_path, EvaluationResult(rows, [], 0, 0.0), paper=paper)
+    text = (tmp_path / "results.md").read_text()
+    assert "| bottle | 90.00 / 100.0 / -10.00 |" in text
+    screw_pap = paper["screw"][4]
+    assert f"90.00 / {screw_pap:.1f} / {90 - screw_pap:+.2f}" in text
+    mean_auroc = (paper["bottle"][0] + paper["screw"][0]) / 2
+    assert f"| mean | 90.00 / {mean_auroc:.1f} / {90 - mean_auroc:+.2f}" in text

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import yaml
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -126,15 +127,43 @@ def format_markdown(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(run_dir: Path, result: EvaluationResult, stem: str = "results") -> None:
-    """Per-class table (classes + mean, in percent) as CSV and Markdown, and the per-defect breakdown."""
+PAPER_PER_CLASS = Path(__file__).resolve().parents[1] / "configs" / "paper_per_class.yaml"
+PAPER_COLUMNS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+
+
+def paper_per_class(dataset: str) -> Optional[dict[str, list[float]]]:
+    """The paper's per-class numbers of a main-table dataset (multi-class setting), else None."""
+    return yaml.safe_load(PAPER_PER_CLASS.read_text()).get(dataset)
+
+
+def format_paper_comparison(rows: dict[str, dict[str, float]], paper: dict[str, list[float]]) -> str:
+    """ours / paper / difference per class and metric, for the classes the paper reports."""
+    names = [n for n in rows if n in paper]
+    if not names:
+        return ""
+    ours = {n: [100 * rows[n][k] for k in PAPER_COLUMNS] for n in names}
+    ours["mean"] = [float(np.mean([ours[n][i] for n in names])) for i in range(len(PAPER_COLUMNS))]
+    theirs = {**{n: paper[n] for n in names},
+              "mean": [float(np.mean([paper[n][i] for n in names])) for i in range(len(PAPER_COLUMNS))]}
+    lines = ["", "## Beside the paper (Tables A8-A13, multi-class): ours / paper / difference", "",
+             "| class | " + " | ".join(PAPER_COLUMNS) + " |", "|---" * (len(PAPER_COLUMNS) + 1) + "|"]
+    for name in names + ["mean"]:
+        lines.append(f"| {name} | " + " | ".join(f"{o:.2f} / {p:.1f} / {o - p:+.2f}"
+                                                 for o, p in zip(ours[name], theirs[name])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(run_dir: Path, result: EvaluationResult, stem: str = "results",
+                 paper: Optional[dict[str, list[float]]] = None) -> None:
+    """Per-class table (classes + mean, in percent) as CSV and Markdown, and the per-defect breakdown;
+    with `paper` (a main-table run), results.md also shows the paper's per-class numbers beside ours."""
     run_dir = Path(run_dir)
     rows = result.rows
     csv = ["class," + ",".join(TABLE_COLUMNS)]
     for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
         csv.append(name + "," + ",".join(f"{100 * row[k]:.4f}" for k in TABLE_COLUMNS))
     (run_dir / f"{stem}.csv").write_text("\n".join(csv) + "\n")
-    (run_dir / f"{stem}.md").write_text(format_markdown(rows))
+    (run_dir / f"{stem}.md").write_text(format_markdown(rows) + (format_paper_comparison(rows, paper) if paper else ""))
     defect_csv = ["class,defect,images,I-AUROC,P-AUROC"] + [
         f"{d['class']},{d['defect']},{d['images']},{100 * d['I-AUROC']:.4f},{100 * d['P-AUROC']:.4f}"
         for d in result.defects]

@@ -8,7 +8,7 @@ import datetime
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -142,10 +142,11 @@ def open_run(cfg: dict, args: argparse.Namespace, device: torch.device, notes: l
     return run_dir, log
 
 
-def finish(run_dir: Path, result: EvaluationResult, log: RunLog) -> None:
-    """Rank 0 writes the tables and prints the per-class table; every process leaves the group."""
+def finish(run_dir: Path, result: EvaluationResult, log: RunLog, paper: Optional[dict] = None) -> None:
+    """Rank 0 writes the tables (with `paper`, the paper's per-class numbers beside ours) and prints the
+    per-class table; every process leaves the group."""
     if is_main():
-        write_tables(run_dir, result)
+        write_tables(run_dir, result, paper=paper)
         log("\n" + format_markdown(result.rows))
         log(f"results written to {run_dir}")
     shutdown()
