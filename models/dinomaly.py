@@ -155,7 +155,7 @@ class Dinomaly(nn.Module):
     def __init__(self, encoder: Encoder, *, target_layers: Sequence[int],
                  fuse_layer_encoder: Sequence[Sequence[int]], fuse_layer_decoder: Sequence[Sequence[int]],
                  decoder_depth: int, dropout: float, attention: str, attn_eps: float, feature_jitter: float,
-                 neighbor_mask: int, conv_kernel: int):
+                 neighbor_mask: int, conv_kernel: int, fuse_mode: str):
         super().__init__()
         if sorted(target_layers) != list(target_layers) or target_layers[-1] >= len(encoder.blocks):
             raise ValueError(f"target_layers {list(target_layers)} must be increasing block indices "
@@ -166,6 +166,8 @@ class Dinomaly(nn.Module):
                 raise ValueError(f"{name} {groups} indexes outside 0..{size - 1}")
         if len(fuse_layer_encoder) != len(fuse_layer_decoder):
             raise ValueError("fuse_layer_encoder and fuse_layer_decoder must have the same number of groups")
+        if fuse_mode == "concat" and len(fuse_layer_encoder) != 1:
+            raise ValueError("fuse_mode concat (layer-to-cat-layer) takes one group of encoder layers")
         self.encoder = encoder.requires_grad_(False).eval()
         self.target_layers = list(target_layers)
         self.fuse_layer_encoder = [list(g) for g in fuse_layer_encoder]
@@ -176,11 +178,16 @@ class Dinomaly(nn.Module):
         self.neighbor_mask = neighbor_mask
         # the conv mixer needs a square grid of patch tokens: class and register tokens never reach the decoder
         self.decoder_prefix = 0 if attention == "conv" else encoder.num_prefix_tokens
+        self.fuse_mode = fuse_mode
         self.bottleneck = NoisyBottleneck(dim, dropout, feature_jitter)
+        # layer-to-cat-layer (Table 5): the last decoder block, widened to the concatenated encoder layers
+        self.projection = (nn.Linear(dim, dim * len(fuse_layer_encoder[0])) if fuse_mode == "concat"
+                           else nn.Identity())
         self.decoder = nn.ModuleList([DecoderBlock(dim, heads, attention, attn_eps, conv_kernel)
                                       for _ in range(decoder_depth)])
         init_trainable(self.bottleneck)
         init_trainable(self.decoder)
+        init_trainable(self.projection)
 
     @classmethod
     def from_config(cls, encoder: Encoder, cfg: dict) -> "Dinomaly":
@@ -188,7 +195,7 @@ class Dinomaly(nn.Module):
                    fuse_layer_decoder=cfg["fuse_layer_decoder"], decoder_depth=cfg["decoder_depth"],
                    dropout=cfg["dropout"], attention=cfg["attention"], attn_eps=cfg["attn_eps"],
                    feature_jitter=cfg["feature_jitter"], neighbor_mask=cfg["neighbor_mask"],
-                   conv_kernel=cfg["conv_kernel"])
+                   conv_kernel=cfg["conv_kernel"], fuse_mode=cfg["fuse_mode"])
 
     def train(self, mode: bool = True) -> "Dinomaly":
         super().train(mode)
@@ -196,7 +203,7 @@ class Dinomaly(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.bottleneck.parameters()) + list(self.decoder.parameters())
+        return [*self.bottleneck.parameters(), *self.decoder.parameters(), *self.projection.parameters()]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
@@ -214,8 +221,12 @@ class Dinomaly(nn.Module):
             if i in self.target_layers:
                 layers.append(x)
         grid = (images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size)
-        groups = [self._to_map(_mean([layers[i] for i in group]), grid) for group in self.fuse_layer_encoder]
+        groups = [self._to_map(self._fuse([layers[i] for i in group]), grid) for group in self.fuse_layer_encoder]
         return _mean(layers), groups
+
+    def _fuse(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """A group of layers as one target: their mean (the recipe) or, concat, side by side in channels."""
+        return torch.cat(layers, dim=-1) if self.fuse_mode == "concat" else _mean(layers)
 
     def decode(self, fused: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
         """The trained half: bottleneck and decoder, grouped in reverse block order like the encoder."""
@@ -226,6 +237,8 @@ class Dinomaly(nn.Module):
         for block in self.decoder:
             x = block(x, mask)
             layers.append(x)
+        if self.fuse_mode == "concat":
+            return [self._to_map(self.projection(x), grid, self.decoder_prefix)]
         layers = layers[::-1]
         return [self._to_map(_mean([layers[i] for i in group]), grid, self.decoder_prefix)
                 for group in self.fuse_layer_decoder]

@@ -115,3 +115,26 @@ def test_constraints_are_groupings(groups, encoder_groups):
     with torch.no_grad():
         en, de = model.eval()(torch.randn(1, 3, 56, 56))
     assert len(en) == len(de) == encoder_groups
+
+
+def test_layer_to_cat_layer_concatenates_the_group_and_widens_the_last_block():
+    torch.manual_seed(0)
+    model = tiny_model(fuse_mode="concat", fuse_layer_encoder=[[1, 3, 5, 7]], fuse_layer_decoder=[[7]]).eval()
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        en, de = model(images)
+        tokens = model.encoder.prepare_tokens(images)
+        layers = []
+        for block in model.encoder.blocks[:10]:
+            tokens = block(tokens)
+            layers.append(tokens)
+        picked = torch.cat([layers[t] for t in (3, 5, 7, 9)], dim=-1)[:, 5:]  # target layers 1, 3, 5, 7
+        torch.testing.assert_close(en[0], picked.transpose(1, 2).reshape(2, 256, 4, 4))
+        x = model.bottleneck(torch.stack(layers[2:10], dim=1).mean(dim=1))
+        for block in model.decoder:
+            x = block(x)
+        torch.testing.assert_close(de[0], model.projection(x)[:, 5:].transpose(1, 2).reshape(2, 256, 4, 4))
+    assert any(p is model.projection.weight for p in model.trainable_parameters())
+    with pytest.raises(ValueError, match="takes one group"), pytest.warns(UserWarning):
+        models.build_model({**DEFAULTS, "encoder": "dinov2_vit_tiny_14", "encoder_weights": "random",
+                            "fuse_mode": "concat"})

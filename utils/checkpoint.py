@@ -54,11 +54,13 @@ def load_checkpoint(path: Path, note: Callable[[str], None] = print) -> dict[str
 
 
 def load_trainable(model: Dinomaly, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Strictly load bottleneck and decoder weights saved by `Dinomaly.trainable_state_dict`."""
-    stray = [k for k in state_dict if not k.startswith(("bottleneck.", "decoder."))]
+    """Strictly load the trained weights (bottleneck, decoder, projection) saved by
+    `Dinomaly.trainable_state_dict`."""
+    parts = ("bottleneck", "decoder", "projection")
+    stray = [k for k in state_dict if not k.startswith(tuple(f"{p}." for p in parts))]
     if stray:
         raise CheckpointError(f"{source} has unexpected keys: {', '.join(stray[:8])}")
-    for part in ("bottleneck", "decoder"):
+    for part in parts:
         prefix = f"{part}."
         sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         try:

@@ -58,6 +58,7 @@ CHOICES = {
     "sampler": ("uniform", "class_balanced"),
     "check_images": ("full", "header"),
     "input_norm": ("imagenet", "encoder"),
+    "fuse_mode": ("mean", "concat"),
     "realiad_split": ("mv", "sv"),
     "precision": ("fp32", "bf16", "fp16"),
     "image_cache": ("none", "memory", "disk"),
