@@ -233,3 +233,20 @@ def test_compare_runs_lists_differing_keys_and_metrics(trained_run, tmp_path):
     assert f"{float(mean['I-AUROC']):.2f}" in text and result.returncode == 0
     with Image.open(tmp_path / "cmp" / "loss.png") as image:
         assert image.format == "PNG"
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from utils.checkpoint import CheckpointWriteError, save_checkpoint
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(path, {"step": 1})
+
+    def full_disk(obj, f):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as error:
+        save_checkpoint(path, {"step": 2})
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "No space left on device" in message
+    assert "is intact" in message and not (tmp_path / "checkpoint.pth.tmp").exists()
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1

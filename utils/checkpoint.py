@@ -22,6 +22,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, of another format or of another architecture."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (disk full, no permission); the previous one is intact."""
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -31,11 +35,16 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     truncated file under the real name."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path} is intact" if path.is_file() else ""
+        raise CheckpointWriteError(f"could not write the checkpoint {path} ({error}){kept}") from None
 
 
 def load_checkpoint(path: Path, note: Callable[[str], None] = print) -> dict[str, Any]:
