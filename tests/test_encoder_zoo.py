@@ -268,3 +268,15 @@ def test_dinomaly_runs_on_other_families(name, tiny):
     with torch.no_grad():
         en, de = model(torch.randn(2, 3, 112, 112))
     assert [tuple(m.shape) for m in en + de] == [(2, D, 7, 7)] * 4
+
+
+def test_per_size_defaults_are_pointed_out():
+    from utils.config import DEFAULTS, ConfigError, validate
+    notes = []
+    validate({**DEFAULTS, "encoder": "mae_vit_large_16", "image_size": 512, "crop_size": 448}, "cfg", notes.append)
+    assert "--target_layers 4,6,8,10,12,14,16,18" in notes[0]
+    validate({**DEFAULTS, "encoder": "dinov2reg_vit_large_14", "target_layers": [4, 6, 8, 10, 12, 14, 16, 18]},
+             "cfg", notes.append)
+    assert len(notes) == 1
+    with pytest.raises(ConfigError, match="--image_size 512 --crop_size 448"):
+        validate({**DEFAULTS, "encoder": "dino_vit_base_16"}, "cfg", notes.append)

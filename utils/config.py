@@ -143,8 +143,12 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
         raise ConfigError(f"{source}: crop_size {cfg['crop_size']} is larger than image_size {cfg['image_size']}")
     patch_size = encoder_patch_size(cfg["encoder"], source)
     if cfg["crop_size"] % patch_size:
+        hint = " (the paper runs 16-pixel encoders at --image_size 512 --crop_size 448)" if patch_size == 16 else ""
         raise ConfigError(f"{source}: crop_size must be a multiple of the patch size {patch_size} of encoder "
-                          f"'{cfg['encoder']}', got {cfg['crop_size']}")
+                          f"'{cfg['encoder']}', got {cfg['crop_size']}{hint}")
+    if ENCODERS[cfg["encoder"]].depth == 24 and cfg["target_layers"] == DEFAULTS["target_layers"]:
+        note(f"note: {source}: '{cfg['encoder']}' has 24 blocks; the paper takes its layers 4,6,...,18 "
+             f"(--target_layers 4,6,8,10,12,14,16,18), this run takes the 12-block default 2..9")
     if cfg["warmup_iters"] >= cfg["total_iters"]:
         raise ConfigError(f"{source}: warmup_iters ({cfg['warmup_iters']}) must be below total_iters "
                           f"({cfg['total_iters']})")
