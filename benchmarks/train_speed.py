@@ -64,7 +64,7 @@ def measure(cfg: dict, mode: str, steps: int, warmup: int) -> dict:
         times.append(time.perf_counter() - start)
     per_step = sorted(times[warmup:])[steps // 2]
     return {"mode": mode, "s_per_step": per_step, "peak_mib": peak_memory_mib(device), "device": str(device),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cpu": cpu_description()}
 
 
 def main(argv: list[str]) -> None:

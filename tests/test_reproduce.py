@@ -34,7 +34,7 @@ def tiny_table(tmp_path: Path) -> Path:
 
 
 def passthrough(data, weights) -> list[str]:
-    args = tiny_run_args(data, weights, "unused", total_iters=40, warmup_iters=2, ckpt_every=5, classes="stripes")
+    args = tiny_run_args(data, weights, "unused", total_iters=20, warmup_iters=2, ckpt_every=4, classes="stripes")
     return [a for i, a in enumerate(args) if not {a, args[i - 1] if i else ""} & {"--output_dir", "--run_name"}]
 
 

@@ -17,7 +17,9 @@ SETTINGS = ["mvtec_uni", "mvtec_sep", "visa_uni", "visa_sep", "realiad_uni", "re
 @pytest.mark.parametrize("name", SETTINGS)
 def test_each_setting_resolves_to_its_old_flat_config(name):
     flat = yaml.safe_load((ROOT / "tests" / "legacy_configs" / f"{name}.yaml").read_text())
-    assert load_config(ROOT / "configs" / f"{name}.yaml") == flat
+    resolved = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert {k: resolved[k] for k in flat} == flat           # every old key keeps its value
+    assert {k: v for k, v in resolved.items() if k not in flat} == {k: DEFAULTS[k] for k in set(DEFAULTS) - set(flat)}
 
 
 def test_settings_hold_only_what_differs():
