@@ -23,7 +23,7 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import add_config_flags, collect_overrides, dump, parse_known, validate
 from utils.evaluation import ClassOutputs, EvaluationResult, evaluate, format_markdown, write_tables
 from utils.device import peak_memory_mib, resolve_device
-from utils.run_setup import USER_ERRORS, RunLog
+from utils.run_setup import RunLog, run_cli
 from utils.visualize import save_panel, to_display_image
 
 EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "device", "batch_size", "num_workers",
@@ -100,7 +100,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -22,7 +22,7 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, add_config_flags, collect_overrides, parse_known, validate
 from utils.evaluation import predict_maps
 from utils.device import resolve_device
-from utils.run_setup import USER_ERRORS
+from utils.run_setup import run_cli
 from utils.visualize import save_panel, to_display_image
 
 PREDICT_KEYS = ("device", "batch_size", "encoder_weights", "weights_dir", "max_ratio")
@@ -131,7 +131,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    sys.exit(run_cli(main, sys.argv[1:]))

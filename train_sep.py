@@ -15,7 +15,7 @@ from train_uni import train
 from utils.checkpoint import finished_result, previous_checkpoint
 from utils.distributed import barrier, is_main
 from utils.evaluation import EvaluationResult, write_tables
-from utils.run_setup import USER_ERRORS, finish, open_run, start
+from utils.run_setup import finish, open_run, run_cli, start
 
 
 def main(argv: list[str]) -> None:
@@ -43,7 +43,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    sys.exit(run_cli(main, sys.argv[1:]))

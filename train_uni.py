@@ -39,7 +39,7 @@ from utils.guard import TrainingGuard
 from utils.loss import global_cosine_hm, hard_mining_p
 from utils.optim import StableAdamW, lr_at, warmup_cosine_schedule
 from utils.rng import seed_everything, seed_this_rank
-from utils.run_setup import USER_ERRORS, RunLog, finish, open_run, start
+from utils.run_setup import RunLog, finish, open_run, run_cli, start
 from utils.signals import StopRequest
 
 LOG_EVERY = 100  # steps between loss lines in log.txt
@@ -221,7 +221,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -17,11 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
+import predict
+import train_uni
 from conftest import ROOT, run_script, tiny_run_args
 from test_reliability import assert_identical, interrupt_after_first_checkpoint, wait_for
 from utils import device as device_module
 from utils.config import DEFAULTS
 from utils.device import effective_precision
+from utils.run_setup import run_cli
 
 
 def truncate(path: Path) -> None:
@@ -42,6 +46,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess, culprit: str) -> 
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and culprit in error[0], result.stderr[-3000:]
+
+
+def run_in_process(script, argv: list, capsys) -> subprocess.CompletedProcess:
+    """A script's main through the same run_cli as its __main__ (any other exception, a traceback,
+    fails the test), without starting a Python per case."""
+    try:
+        code = run_cli(script.main, [str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def test_truncated_image_is_found_before_training(data, tiny_weights, tmp_path):
@@ -108,37 +123,40 @@ USER_MISTAKES = [
 
 
 @pytest.mark.parametrize("case,damage,args,culprit", USER_MISTAKES, ids=[c[0] for c in USER_MISTAKES])
-def test_user_mistakes_are_one_line_errors(data, tiny_weights, tmp_path, case, damage, args, culprit):
+def test_user_mistakes_are_one_line_errors(data, tiny_weights, tmp_path, capsys, case, damage, args, culprit):
     if damage:
         damage(data)
     argv = tiny_run_args(data, tiny_weights, tmp_path / "out", **{k: v for k, v in args.items()
                                                                    if k not in ("config", "resume", "learning_rate")})
     argv += [item for k in ("config", "resume", "learning_rate") if k in args for item in (f"--{k}", args[k])]
-    assert_one_line_error(run_script("train_uni.py", argv, check=False), culprit)
+    assert_one_line_error(run_in_process(train_uni, argv, capsys), culprit)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind", ["random bytes", "text", "zip", "another model", "wrapped", "a tensor"])
-def test_garbage_weights_file_is_one_line_naming_it(data, tmp_path, kind):
+def test_garbage_weights_file_is_one_line_naming_it(data, tmp_path, capsys, kind):
     path = tmp_path / "weights.pth"
     _garbage(kind, path)
-    result = run_script("train_uni.py", tiny_run_args(data, path, tmp_path / "out"), check=False)
+    result = run_in_process(train_uni, tiny_run_args(data, path, tmp_path / "out"), capsys)
     assert_one_line_error(result, str(path))
 
 
-def test_checkpoint_and_run_directory_mistakes(trained_run, tmp_path):
+def test_checkpoint_and_run_directory_mistakes(trained_run, tmp_path, capsys):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00" * 100)
-    assert_one_line_error(run_script("evaluate.py", ["--checkpoint", garbage], check=False), str(garbage))
-    assert_one_line_error(run_script("evaluate.py", ["--run_dir", tmp_path / "none"], check=False),
-                          str(tmp_path / "none"))
-    assert_one_line_error(run_script("predict.py", ["--checkpoint", trained_run / "checkpoint.pth", "--images",
-                                                    tmp_path / "no_images", "--out", tmp_path / "p"], check=False),
+    assert_one_line_error(run_in_process(evaluate, ["--checkpoint", garbage], capsys), str(garbage))
+    assert_one_line_error(run_in_process(evaluate, ["--run_dir", tmp_path / "none"], capsys), str(tmp_path / "none"))
+    assert_one_line_error(run_in_process(predict, ["--checkpoint", trained_run / "checkpoint.pth", "--images",
+                                                   tmp_path / "no_images", "--out", tmp_path / "p"], capsys),
                           str(tmp_path / "no_images"))
     other = tmp_path / "other.pth"
     torch.save({"format": "something else"}, other)
-    assert_one_line_error(run_script("predict.py", ["--checkpoint", other, "--images", tmp_path, "--out",
-                                                    tmp_path / "p"], check=False), str(other))
+    assert_one_line_error(run_in_process(predict, ["--checkpoint", other, "--images", tmp_path, "--out",
+                                                   tmp_path / "p"], capsys), str(other))
+    # and through the real entry point once: the same line, no traceback, exit status 1
+    result = run_script("evaluate.py", ["--checkpoint", garbage], check=False)
+    assert_one_line_error(result, str(garbage))
+    assert result.returncode == 1
 
 
 def test_same_command_with_resume_continues_and_only_real_changes_are_refused(data, tiny_weights, tmp_path):

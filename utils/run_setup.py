@@ -7,6 +7,7 @@ import argparse
 import datetime
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,6 +28,16 @@ RESUME_OVERRIDES = ("device", "num_workers", "data_path", "ckpt_every", "max_bad
 # Mistakes a user can make (paths, values, files): reported as one line, never as a traceback.
 USER_ERRORS = (CheckpointError, ConfigError, DatasetLayoutError, FileExistsError, FileNotFoundError, TrainingDiverged,
                WeightsError)
+
+
+def run_cli(main: Callable[[list[str]], Optional[int]], argv: list[str]) -> int:
+    """Run a script's main; a user's mistake (USER_ERRORS) becomes one `error:` line on stderr and
+    exit status 1, never a traceback."""
+    try:
+        return main(argv) or 0
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 class RunLog:
