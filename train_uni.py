@@ -14,6 +14,7 @@ This file is the training loop: config, data, model, optimizer, the step, evalua
 Checkpoints and rollback live in utils/checkpoint.py, the run's set-up in utils/run_setup.py.
 """
 import math
+import re
 import time
 import shutil
 import sys
@@ -180,6 +181,7 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
                             f"{path}; continue with --resume {run_root(run_dir, classes)}")
                         raise SystemExit(stop.exit_code)
     except DatasetLayoutError as error:  # an image changed since the check; processes cannot agree on a save
+        progress.close()  # the error then starts on a line of its own
         if world_size() == 1:
             save_training(path, model, optimizer, state, cfg, classes)
         raise unreadable_image(error, state.step if world_size() == 1 else None, run_root(run_dir, classes)) from None
@@ -194,7 +196,7 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
 
 def unreadable_image(error: DatasetLayoutError, saved_step: Optional[int], resume_dir: Path) -> DatasetLayoutError:
     """One line naming the file that could not be read mid-run (data-loader workers add a traceback)."""
-    reason = str(error).strip().splitlines()[-1].split("DatasetLayoutError: ")[-1]
+    reason = re.sub(r"^[\w.]+Error: ", "", str(error).strip().splitlines()[-1])
     saved = f"checkpoint saved at step {saved_step}" if saved_step is not None else "the last checkpoint is kept"
     return DatasetLayoutError(f"{reason}; {saved}: fix the file, then continue with --resume {resume_dir}")
 
