@@ -113,7 +113,8 @@ def main(argv: list[str]) -> int:
             if not args.no_heatmaps:
                 vmin, vmax = scale or (float(amap.min()), float(amap.max()))
                 verdict = "" if threshold is None else ("  ANOMALOUS" if score >= threshold else "  normal")
-                save_panel(out / "heatmaps" / output_name(path, root), to_display_image(image, cfg["map_size"], *normalization),
+                display = to_display_image(image, cfg["map_size"], *normalization)
+                save_panel(out / "heatmaps" / output_name(path, root), display,
                            amap, vmin, vmax, title=f"{path.name}  score {score:.4f}{verdict}")
 
     with open(out / "scores.csv", "w", newline="") as f:

@@ -29,10 +29,10 @@ import yaml  # noqa: E402
 
 from utils.config import ConfigError, load_config, load_yaml, validate  # noqa: E402
 from utils.curves import read_rows  # noqa: E402
+from utils.metrics import METRIC_NAMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 TABLES = ROOT / "configs" / "tables"
-METRICS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 
 
 def load_table(name: str) -> dict:
@@ -43,8 +43,8 @@ def load_table(name: str) -> dict:
     table = load_yaml(path)
     base = load_config(ROOT / "configs" / table["base"])
     for row in table["rows"]:
-        if len(row.get("paper", [])) != len(METRICS):
-            raise ConfigError(f"{path}: row '{row['name']}' needs the paper's {len(METRICS)} numbers")
+        if len(row.get("paper", [])) != len(METRIC_NAMES):
+            raise ConfigError(f"{path}: row '{row['name']}' needs the paper's {len(METRIC_NAMES)} numbers")
         if "skip" not in row:
             validate({**base, **row["overrides"]}, f"{path}: row '{row['name']}'", note=lambda _: None)
     table["stem"] = path.stem
@@ -98,16 +98,16 @@ def run_rows(table: dict, out: Path, passthrough: list[str], gpus: int) -> None:
 
 def mean_row(run_dir: Path) -> Optional[dict[str, float]]:
     rows = {r["class"]: r for r in read_rows(run_dir / "results.csv")}
-    return {m: float(rows["mean"][m]) for m in METRICS} if "mean" in rows else None
+    return {m: float(rows["mean"][m]) for m in METRIC_NAMES} if "mean" in rows else None
 
 
 def collect(table: dict, out: Path) -> str:
     """table.md / table.csv / table.png: per row and metric, ours | paper | difference."""
     folder = out / table["stem"]
     folder.mkdir(parents=True, exist_ok=True)
-    header = ["row"] + [f"{m} {kind}" for m in METRICS for kind in ("ours", "paper", "diff")] + ["note"]
+    header = ["row"] + [f"{m} {kind}" for m in METRIC_NAMES for kind in ("ours", "paper", "diff")] + ["note"]
     lines = [f"# {table['title']}", "", "ours / paper / difference (ours - paper), mean over classes, in %", "",
-             "| row | " + " | ".join(METRICS) + " | note |", "|---" * (len(METRICS) + 2) + "|"]
+             "| row | " + " | ".join(METRIC_NAMES) + " | note |", "|---" * (len(METRIC_NAMES) + 2) + "|"]
     records, chart = [], []
     for row in table["rows"]:
         ours = mean_row(folder / slug(row["name"]))
@@ -115,7 +115,7 @@ def collect(table: dict, out: Path) -> str:
         if ours is None and not row.get("skip"):
             note = (note + "; " if note else "") + "not run yet"
         cells, record = [], [row["name"]]
-        for metric, paper in zip(METRICS, row["paper"]):
+        for metric, paper in zip(METRIC_NAMES, row["paper"]):
             if ours is None:
                 cells.append(f"- / {paper:.2f} / -")
                 record += ["", f"{paper:.2f}", ""]
@@ -139,7 +139,7 @@ def plot_table(chart: list, title: str, path: Path) -> None:
     """Ours against the paper for I-AUROC and P-AP, row by row."""
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.1 * len(chart)), 4.5))
     for ax, metric in zip(axes, ("I-AUROC", "P-AP")):
-        index = METRICS.index(metric)
+        index = METRIC_NAMES.index(metric)
         xs = range(len(chart))
         ax.bar([x - 0.2 for x in xs], [paper[index] for _, _, paper in chart], 0.4, label="paper")
         ax.bar([x + 0.2 for x in xs], [ours[metric] if ours else 0 for _, ours, _ in chart], 0.4, label="ours")

@@ -55,8 +55,10 @@ def load_data(cfg: dict, class_names: list[str]) -> tuple[TrainSet, dict[str, Te
     checked here (fully decoded with check_images: full), before any run directory or model exists."""
     train_set = build_train_set(cfg, class_names)
     test_sets = {name: build_test_set(cfg, name) for name in class_names}
+    decode = cfg["check_images"] == "full"
+    # the image cache decodes every training image in full before the first step: no need to do it twice
     check_files([path for path, _ in train_set.samples], [s for t in test_sets.values() for s in t.samples],
-                decode=cfg["check_images"] == "full")
+                decode_train=decode and cfg["image_cache"] == "none", decode_test=decode)
     return train_set, test_sets
 
 

@@ -8,7 +8,6 @@ per step on the cached pixels, so the tensors are bit-identical to the uncached 
 training image never change. They are computed once, in the compute dtype, and training then runs only
 the bottleneck and decoder: the same step without the encoder's forward pass."""
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from models import Dinomaly
 from utils.device import autocast, compute_dtype
-from .folder import TrainSet, load_image
+from .folder import TrainSet, load_image, map_images
 
 
 def cache_key(paths: list[Path], size: int) -> str:
@@ -35,8 +34,7 @@ def _decode_all(paths: list[Path], size: int, out: np.ndarray) -> None:
 
     def decode(i: int) -> None:
         out[i] = np.asarray(resize(load_image(paths[i])))
-    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
-        list(tqdm(pool.map(decode, range(len(paths))), total=len(paths), desc="caching images", unit="image"))
+    map_images(decode, range(len(paths)), "caching images")
 
 
 def attach_image_cache(train_set: TrainSet, mode: str, cache_dir: Path, size: int,

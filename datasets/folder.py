@@ -8,10 +8,10 @@
 The layout is checked when a dataset is built: a missing folder, an empty class, a defect image
 without a mask or a mask without an image is an error naming the path, before any training.
 """
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ EXPECTED_TREE = """expected layout:
   <data_path>/<class>/test/good/*.png
   <data_path>/<class>/test/<defect>/*.png
   <data_path>/<class>/ground_truth/<defect>/<image name>_mask.png"""
+
+
+R = TypeVar("R")
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -79,15 +82,23 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DatasetLayoutError(f"cannot read image {path}: {error}") from None
 
 
-def check_files(train_paths: list[Path], test_samples: list[TestSample], decode: bool = True) -> None:
-    """Read every image and mask before training (`decode`: every pixel, in parallel; else the headers):
-    a file that is not an image, is truncated, or a mask whose size differs from its image, is an error
+def map_images(read: Callable[[Any], R], items: Sequence, desc: str, show: bool = True) -> list[R]:
+    """`read` of every image on a thread pool (PIL releases the GIL while decoding), with a progress bar."""
+    with ThreadPoolExecutor() as pool:
+        return list(tqdm(pool.map(read, items), total=len(items), desc=desc, unit="image", disable=not show,
+                         leave=False))
+
+
+def check_files(train_paths: list[Path], test_samples: list[TestSample], decode_train: bool,
+                decode_test: bool) -> None:
+    """Read every image and mask before training, in full (`decode_*`) or only their headers: a file
+    that is not an image, is truncated, or a mask whose size differs from its image, is an error
     naming it now rather than hours into a run."""
-    paths = list(train_paths) + [p for s in test_samples for p in (s.image, s.mask) if p is not None]
-    read = image_size_decoded if decode else image_size
-    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
-        sizes = dict(zip(paths, tqdm(pool.map(read, paths), total=len(paths), unit="image", disable=not decode,
-                                     desc="checking images", leave=False)))
+    test_paths = [p for s in test_samples for p in (s.image, s.mask) if p is not None]
+    sizes = {}
+    for paths, decode in ((list(train_paths), decode_train), (test_paths, decode_test)):
+        read = image_size_decoded if decode else image_size
+        sizes.update(zip(paths, map_images(read, paths, "checking images", show=decode)))
     for sample in test_samples:
         size = sizes[sample.image]
         if sample.mask is not None and sizes[sample.mask] != size:

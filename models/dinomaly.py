@@ -202,8 +202,10 @@ class Dinomaly(nn.Module):
         self.encoder.eval()
         return self
 
+    TRAINABLE_PARTS = ("bottleneck", "decoder", "projection")  # everything but the frozen encoder
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.bottleneck.parameters(), *self.decoder.parameters(), *self.projection.parameters()]
+        return [p for part in self.TRAINABLE_PARTS for p in getattr(self, part).parameters()]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}

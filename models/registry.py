@@ -236,6 +236,16 @@ def load_weights_file(path: Path, what: str, error: type = WeightsError):
         raise error(f"could not read {what} {path} (not a checkpoint, or corrupt): {reason}") from None
 
 
+def local_weights_path(weights: Optional[str]) -> Optional[Path]:
+    """The user's own weights file (None for official or random weights); a missing one is an error."""
+    if weights in (None, "random"):
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights not found: {path}")
+    return path
+
+
 def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional[str] = None,
                  verbose: bool = True) -> Encoder:
     """Build encoder `name` and load its weights.
@@ -249,9 +259,7 @@ def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional
         warnings.warn(f"\n{'!' * 78}\n!! encoder '{name}' is RANDOMLY INITIALISED: results are meaningless "
                       f"for real data.\n!! Use this only for tests and smoke runs.\n{'!' * 78}", stacklevel=2)
         return encoder
-    path = Path(weights).expanduser() if weights else resolve_weights(name, weights_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder weights not found: {path}")
+    path = local_weights_path(weights) or resolve_weights(name, weights_dir)
     raw = load_weights_file(path, "encoder weights")
     if not isinstance(raw, dict):
         raise WeightsError(f"encoder weights {path} hold a {type(raw).__name__}, expected a state dict "

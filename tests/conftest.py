@@ -33,6 +33,16 @@ def meta_state_dict(dim: int, depth: int, registers: int, generator: torch.Gener
     return sd
 
 
+def block_outputs(tokens: torch.Tensor, blocks) -> list[torch.Tensor]:
+    """The output of every block of `blocks` applied in turn to `tokens` (an independent re-run of a
+    Dinomaly half, for tests that rebuild its targets by hand)."""
+    outputs = []
+    for block in blocks:
+        tokens = block(tokens)
+        outputs.append(tokens)
+    return outputs
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """Weights for `dinov2_vit_tiny_14` (64 wide, 10 blocks, no registers) in Meta's layout."""

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import block_outputs
 from models import LinearAttention, build_encoder, build_model
 from utils.config import DEFAULTS
 
@@ -89,17 +90,9 @@ def test_forward_groups_layers_as_the_recipe(small_model):
     images = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         en, de = model(images)
-        x = model.encoder.prepare_tokens(images)
-        layers = []
-        for block in model.encoder.blocks[:10]:
-            x = block(x)
-            layers.append(x)
+        layers = block_outputs(model.encoder.prepare_tokens(images), model.encoder.blocks[:10])
         target = layers[2:10]
-        x = model.bottleneck(torch.stack(target).mean(0))
-        decoded = []
-        for block in model.decoder:
-            x = block(x)
-            decoded.append(x)
+        decoded = block_outputs(model.bottleneck(torch.stack(target).mean(0)), model.decoder)
     to_map = lambda t: t[:, 5:].transpose(1, 2).reshape(2, 384, 8, 8)
     expected_en = [to_map(torch.stack(target[0:4]).mean(0)), to_map(torch.stack(target[4:8]).mean(0))]
     expected_de = [to_map(torch.stack(decoded[4:8]).mean(0)), to_map(torch.stack(decoded[0:4]).mean(0))]

@@ -66,6 +66,16 @@ def test_truncated_image_is_found_before_training(data, tiny_weights, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_truncated_image_with_the_image_cache_is_found_by_the_caches_decoding(data, tiny_weights, tmp_path, capsys):
+    """With --image_cache the up-front check reads training headers only: the cache decodes every
+    training image in full before the first step, so it is the one that names the file."""
+    truncate(data / "stripes" / "train" / "good" / "004.png")
+    result = run_in_process(train_uni, tiny_run_args(data, tiny_weights, tmp_path / "out", image_cache="memory"),
+                            capsys)
+    assert_one_line_error(result, "stripes/train/good/004.png")
+    assert "caching images" in result.stderr and not (tmp_path / "out" / "run" / "checkpoint.pth").exists()
+
+
 def test_image_broken_during_training_saves_a_resumable_checkpoint(data, tiny_weights, tmp_path):
     good = (data / "stripes" / "train" / "good" / "004.png").read_bytes()
     truncate(data / "stripes" / "train" / "good" / "004.png")

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from conftest import block_outputs
 from models.dinomaly import ConvMixer, FeatureJitter, LinearAttention, neighbour_mask
 from models.dinov2 import Attention
 from utils.config import DEFAULTS
@@ -123,16 +124,10 @@ def test_layer_to_cat_layer_concatenates_the_group_and_widens_the_last_block():
     images = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         en, de = model(images)
-        tokens = model.encoder.prepare_tokens(images)
-        layers = []
-        for block in model.encoder.blocks[:10]:
-            tokens = block(tokens)
-            layers.append(tokens)
+        layers = block_outputs(model.encoder.prepare_tokens(images), model.encoder.blocks[:10])
         picked = torch.cat([layers[t] for t in (3, 5, 7, 9)], dim=-1)[:, 5:]  # target layers 1, 3, 5, 7
         torch.testing.assert_close(en[0], picked.transpose(1, 2).reshape(2, 256, 4, 4))
-        x = model.bottleneck(torch.stack(layers[2:10], dim=1).mean(dim=1))
-        for block in model.decoder:
-            x = block(x)
+        x = block_outputs(model.bottleneck(torch.stack(layers[2:10], dim=1).mean(dim=1)), model.decoder)[-1]
         torch.testing.assert_close(de[0], model.projection(x)[:, 5:].transpose(1, 2).reshape(2, 256, 4, 4))
     assert any(p is model.projection.weight for p in model.trainable_parameters())
     with pytest.raises(ValueError, match="takes one group"), pytest.warns(UserWarning):

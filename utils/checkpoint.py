@@ -65,7 +65,7 @@ def load_checkpoint(path: Path, note: Callable[[str], None] = print) -> dict[str
 def load_trainable(model: Dinomaly, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load the trained weights (bottleneck, decoder, projection) saved by
     `Dinomaly.trainable_state_dict`."""
-    parts = ("bottleneck", "decoder", "projection")
+    parts = model.TRAINABLE_PARTS
     stray = [k for k in state_dict if not k.startswith(tuple(f"{p}." for p in parts))]
     if stray:
         raise CheckpointError(f"{source} has unexpected keys: {', '.join(stray[:8])}")

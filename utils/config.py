@@ -67,7 +67,8 @@ CHOICES = {
 POSITIVE = ("image_size", "crop_size", "batch_size", "decoder_depth", "total_iters", "lr", "conv_kernel",
             "aupro_thresholds", "map_size", "grad_clip", "max_bad_steps")
 NON_NEGATIVE = ("num_workers", "warmup_iters", "final_lr", "weight_decay", "eps", "hm_factor", "hm_ramp_iters",
-                "eval_every", "attn_eps", "feature_jitter", "neighbor_mask", "max_ratio", "map_sigma", "ckpt_every", "spike_factor")
+                "eval_every", "attn_eps", "feature_jitter", "neighbor_mask", "max_ratio", "map_sigma", "ckpt_every",
+                "spike_factor")
 UNIT_INTERVAL = ("dropout", "hm_p_final", "gt_threshold", "aupro_fpr_limit")
 
 

@@ -128,7 +128,6 @@ def format_markdown(rows: dict[str, dict[str, float]]) -> str:
 
 
 PAPER_PER_CLASS = Path(__file__).resolve().parents[1] / "configs" / "paper_per_class.yaml"
-PAPER_COLUMNS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 
 
 def paper_per_class(dataset: str) -> Optional[dict[str, list[float]]]:
@@ -141,12 +140,12 @@ def format_paper_comparison(rows: dict[str, dict[str, float]], paper: dict[str, 
     names = [n for n in rows if n in paper]
     if not names:
         return ""
-    ours = {n: [100 * rows[n][k] for k in PAPER_COLUMNS] for n in names}
-    ours["mean"] = [float(np.mean([ours[n][i] for n in names])) for i in range(len(PAPER_COLUMNS))]
+    ours = {n: [100 * rows[n][k] for k in METRIC_NAMES] for n in names}
+    ours["mean"] = [float(np.mean([ours[n][i] for n in names])) for i in range(len(METRIC_NAMES))]
     theirs = {**{n: paper[n] for n in names},
-              "mean": [float(np.mean([paper[n][i] for n in names])) for i in range(len(PAPER_COLUMNS))]}
+              "mean": [float(np.mean([paper[n][i] for n in names])) for i in range(len(METRIC_NAMES))]}
     lines = ["", "## Beside the paper (Tables A8-A13, multi-class): ours / paper / difference", "",
-             "| class | " + " | ".join(PAPER_COLUMNS) + " |", "|---" * (len(PAPER_COLUMNS) + 1) + "|"]
+             "| class | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
     for name in names + ["mean"]:
         lines.append(f"| {name} | " + " | ".join(f"{o:.2f} / {p:.1f} / {o - p:+.2f}"
                                                  for o, p in zip(ours[name], theirs[name])) + " |")

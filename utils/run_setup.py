@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from datasets import DatasetLayoutError
-from models.registry import WeightsError
+from models.registry import WeightsError, local_weights_path
 from .checkpoint import CheckpointError, TrainingDiverged
 from .config import (DEFAULTS, SCHEMA, ConfigError, build_parser, collect_overrides, config_from_args, dump, load_yaml,
                      parse_known, validate)
@@ -115,8 +115,8 @@ def parse_run_args(argv: list[str], default_config: str, description: str,
         raise ConfigError("; ".join(f"--{key} cannot change when resuming ({given[key]!r} given, {saved[key]!r} in "
                                     f"{saved_path})" for key in changed)
                           + f"; only {', '.join(RESUME_OVERRIDES)} can")
-    return validate({**saved, **{k: v for k, v in overrides.items() if k in RESUME_OVERRIDES}}, str(saved_path),
-                    note), args
+    resumed = {**saved, **{k: v for k, v in overrides.items() if k in RESUME_OVERRIDES}}
+    return validate(resumed, str(saved_path), note=lambda _: None), args  # its notes were given just above
 
 
 def start(argv: list[str], default_config: str, description: str
@@ -129,9 +129,7 @@ def start(argv: list[str], default_config: str, description: str
     if cfg["precision"] == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
     cfg["precision"] = effective_precision(cfg, device, notes.append)
-    weights = cfg["encoder_weights"]
-    if weights not in (None, "random") and not Path(weights).expanduser().is_file():
-        raise FileNotFoundError(f"encoder weights not found: {weights}")
+    local_weights_path(cfg["encoder_weights"])  # a missing file fails here, before a run directory exists
     cfg["run_name"] = broadcast(cfg["run_name"])
     return cfg, args, device, notes
 
