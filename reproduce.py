@@ -7,7 +7,8 @@ overrides; the table shows our number, the paper's and the difference for each r
     python reproduce.py table4 --data_path demo --total_iters 50 --device cpu # any config key passes through
 
 Tables live in configs/tables/<name>.yaml (or pass a path): a base setting, and rows of overrides with
-the paper's seven numbers. Runs go to <out>/<table>/<row>/ (default out: runs/tables). A finished row
+the paper's seven numbers (null where the source gives none; `source:` names a source other than the
+paper; `results_of: <row>` compares another row's run with a second source instead of training again). Runs go to <out>/<table>/<row>/ (default out: runs/tables). A finished row
 (its results.csv exists) is skipped, an interrupted one is resumed, so the command can be stopped and
 started again. The table is written as <out>/<table>/table.md, table.csv and table.png. Rows whose
 configuration the paper leaves ambiguous are marked; rows we cannot run yet say why.
@@ -45,8 +46,10 @@ def load_table(name: str) -> dict:
     for row in table["rows"]:
         if len(row.get("paper", [])) != len(METRIC_NAMES):
             raise ConfigError(f"{path}: row '{row['name']}' needs the paper's {len(METRIC_NAMES)} numbers")
-        if "skip" not in row:
-            validate({**base, **row["overrides"]}, f"{path}: row '{row['name']}'", note=lambda _: None)
+        if "results_of" in row and row["results_of"] not in {r["name"] for r in trained_rows(table)}:
+            raise ConfigError(f"{path}: row '{row['name']}' has results_of '{row['results_of']}', not a trained row")
+    for row in trained_rows(table):
+        validate({**base, **row["overrides"]}, f"{path}: row '{row['name']}'", note=lambda _: None)
     table["stem"] = path.stem
     return table
 
@@ -79,9 +82,16 @@ def row_state(run_dir: Path) -> str:
     return "interrupted" if (run_dir / "config.yaml").is_file() else "new"
 
 
+def trained_rows(table: dict) -> list[dict]:
+    """The rows that are runs of their own: not skipped, not another row's results."""
+    return [row for row in table["rows"] if "skip" not in row and "results_of" not in row]
+
+
 def run_rows(table: dict, out: Path, passthrough: list[str], gpus: int) -> None:
     for row in table["rows"]:
         run_dir = out / table["stem"] / slug(row["name"])
+        if "results_of" in row:
+            continue
         if "skip" in row:
             print(f"[{row['name']}] skipped: {row['skip']}", flush=True)
             continue
@@ -96,6 +106,12 @@ def run_rows(table: dict, out: Path, passthrough: list[str], gpus: int) -> None:
             print(f"[{row['name']}] failed; the other rows go on", flush=True)
 
 
+def cell(ours: Optional[float], paper: Optional[float]) -> list[str]:
+    """ours, the published number and their difference as text; '-' for what is missing."""
+    text = lambda value: "-" if value is None else f"{value:.2f}"
+    return [text(ours), text(paper), "-" if ours is None or paper is None else f"{ours - paper:+.2f}"]
+
+
 def mean_row(run_dir: Path) -> Optional[dict[str, float]]:
     rows = {r["class"]: r for r in read_rows(run_dir / "results.csv")}
     return {m: float(rows["mean"][m]) for m in METRIC_NAMES} if "mean" in rows else None
@@ -106,22 +122,20 @@ def collect(table: dict, out: Path) -> str:
     folder = out / table["stem"]
     folder.mkdir(parents=True, exist_ok=True)
     header = ["row"] + [f"{m} {kind}" for m in METRIC_NAMES for kind in ("ours", "paper", "diff")] + ["note"]
-    lines = [f"# {table['title']}", "", "ours / paper / difference (ours - paper), mean over classes, in %", "",
+    lines = [f"# {table['title']}", "", "ours / paper (or the source a note names) / difference, mean over classes, in %", "",
              "| row | " + " | ".join(METRIC_NAMES) + " | note |", "|---" * (len(METRIC_NAMES) + 2) + "|"]
     records, chart = [], []
     for row in table["rows"]:
-        ours = mean_row(folder / slug(row["name"]))
-        note = row.get("skip") or ("ambiguous: " + row["ambiguous"] if "ambiguous" in row else "")
-        if ours is None and not row.get("skip"):
-            note = (note + "; " if note else "") + "not run yet"
+        ours = mean_row(folder / slug(row.get("results_of", row["name"])))
+        notes = [row.get("skip"), "source: " + row["source"] if "source" in row else None,
+                 "ambiguous: " + row["ambiguous"] if "ambiguous" in row else None,
+                 "not run yet" if ours is None and not row.get("skip") else None]
+        note = "; ".join(n for n in notes if n)
         cells, record = [], [row["name"]]
         for metric, paper in zip(METRIC_NAMES, row["paper"]):
-            if ours is None:
-                cells.append(f"- / {paper:.2f} / -")
-                record += ["", f"{paper:.2f}", ""]
-            else:
-                cells.append(f"{ours[metric]:.2f} / {paper:.2f} / {ours[metric] - paper:+.2f}")
-                record += [f"{ours[metric]:.2f}", f"{paper:.2f}", f"{ours[metric] - paper:+.2f}"]
+            texts = cell(ours[metric] if ours else None, paper)
+            cells.append(" / ".join(texts))
+            record += [t if t != "-" else "" for t in texts]
         name = row["name"] + (" *" if "ambiguous" in row else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {note} |")
         records.append(record + [note])
@@ -141,9 +155,10 @@ def plot_table(chart: list, title: str, path: Path) -> None:
     for ax, metric in zip(axes, ("I-AUROC", "P-AP")):
         index = METRIC_NAMES.index(metric)
         xs = range(len(chart))
-        ax.bar([x - 0.2 for x in xs], [paper[index] for _, _, paper in chart], 0.4, label="paper")
+        ax.bar([x - 0.2 for x in xs], [paper[index] or 0 for _, _, paper in chart], 0.4, label="paper")
         ax.bar([x + 0.2 for x in xs], [ours[metric] if ours else 0 for _, ours, _ in chart], 0.4, label="ours")
-        values = [v for _, ours, paper in chart for v in ([paper[index]] + ([ours[metric]] if ours else []))]
+        values = [v for _, ours, paper in chart for v in ([paper[index]] + ([ours[metric]] if ours else []))
+                  if v is not None]
         ax.set_ylim(min(values) - 2, max(values) + 1)
         ax.set_xticks(list(xs), [name for name, _, _ in chart], rotation=45, ha="right", fontsize=7)
         ax.set_title(metric)
@@ -166,9 +181,8 @@ def main(argv: list[str]) -> None:
     table = load_table(args.table)
     out = Path(args.out).resolve()
     if args.print_commands:
-        for row in table["rows"]:
-            if "skip" not in row:
-                print(shlex.join(row_command(table, row, out, passthrough, args.gpus, resume=False)))
+        for row in trained_rows(table):
+            print(shlex.join(row_command(table, row, out, passthrough, args.gpus, resume=False)))
         return
     if not args.collect:
         run_rows(table, out, passthrough, args.gpus)

@@ -76,8 +76,7 @@ class BeitBlock(nn.Module):
         self.gamma_1 = nn.Parameter(torch.full((dim,), 1e-5))
         self.gamma_2 = nn.Parameter(torch.full((dim,), 1e-5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = int((x.shape[1] - 1) ** 0.5)
+    def forward(self, x: torch.Tensor, grid: int) -> torch.Tensor:
         x = x + self.gamma_1 * self.attn(self.norm1(x), grid)
         return x + self.gamma_2 * self.mlp(self.norm2(x))
 
@@ -99,9 +98,9 @@ class BeitVisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([BeitBlock(embed_dim, num_heads, img_size // patch_size) for _ in range(depth)])
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
-    def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """[CLS, patches]; positions enter through each block's relative bias, not here."""
+    def prepare_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """[CLS, patches] and the grid side, from which each block builds its relative position bias."""
         if images.shape[-2] != images.shape[-1]:
             raise ValueError(f"BEiT's relative position bias needs square inputs, got {tuple(images.shape[-2:])}")
         x = self.patch_embed(images)
-        return torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        return torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1), images.shape[-1] // self.patch_size

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .dinov2 import Attention, Mlp
 from .encoder_interface import Encoder
+from .registry import default_target_layers
 
 
 class FeatureJitter(nn.Module):
@@ -191,7 +192,9 @@ class Dinomaly(nn.Module):
 
     @classmethod
     def from_config(cls, encoder: Encoder, cfg: dict) -> "Dinomaly":
-        return cls(encoder, target_layers=cfg["target_layers"], fuse_layer_encoder=cfg["fuse_layer_encoder"],
+        layers = cfg["target_layers"]
+        layers = default_target_layers(len(encoder.blocks)) if layers == "auto" else layers
+        return cls(encoder, target_layers=layers, fuse_layer_encoder=cfg["fuse_layer_encoder"],
                    fuse_layer_decoder=cfg["fuse_layer_decoder"], decoder_depth=cfg["decoder_depth"],
                    dropout=cfg["dropout"], attention=cfg["attention"], attn_eps=cfg["attn_eps"],
                    feature_jitter=cfg["feature_jitter"], neighbor_mask=cfg["neighbor_mask"],
@@ -216,10 +219,10 @@ class Dinomaly(nn.Module):
 
         Blocks past the last target layer never run. Both outputs depend only on the image, so they
         can be cached (--cache_features)."""
-        x = self.encoder.prepare_tokens(images)
+        x, pos = self.encoder.prepare_tokens(images)
         layers = []
         for i, block in enumerate(self.encoder.blocks[: self.target_layers[-1] + 1]):
-            x = block(x)
+            x = block(x, pos)
             if i in self.target_layers:
                 layers.append(x)
         grid = (images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size)

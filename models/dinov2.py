@@ -95,7 +95,9 @@ class Block(nn.Module):
         self.mlp = (SwiGLUFFN if ffn == "swiglu" else Mlp)(dim, 4 * dim)
         self.ls2 = LayerScale(dim, 1e-5) if layer_scale else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: None = None) -> torch.Tensor:
+        """`pos` is the encoder interface's position input; these blocks have none (positions were added
+        to the tokens)."""
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
@@ -153,12 +155,13 @@ class DinoVisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)
         return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(self.pos_embed.dtype)
 
-    def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Tokens in the order [CLS, registers, patches]; registers get no positional embedding."""
+    def prepare_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Tokens in the order [CLS, registers, patches]; registers get no positional embedding. The blocks
+        take no position input (None)."""
         B, _, h, w = images.shape
         x = self.patch_embed(images)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
         x = x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w).to(x.dtype)
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
-        return x
+        return x, None

@@ -4,15 +4,20 @@ Dinomaly never looks inside an encoder beyond this. To add a family (another ViT
 write a module with these attributes and register a constructor for it in `models/registry.py`;
 nothing in the training loop, the data pipeline or the decoder changes.
 
-    tokens = encoder.prepare_tokens(images)       # B x (prefix + h*w) x embed_dim, prefix tokens first
+    tokens, pos = encoder.prepare_tokens(images)  # B x (prefix + h*w) x embed_dim, prefix tokens first
     for block in encoder.blocks:                  # block i's output is layer i (0-indexed)
-        tokens = block(tokens)
+        tokens = block(tokens, pos)
     patches = tokens[:, encoder.num_prefix_tokens:]   # the h x w grid, row-major
 
-`images` are B x 3 x H x W, normalised with `mean`/`std`, with H and W multiples of `patch_size`;
-`prepare_tokens` adapts the position embedding to the grid (H / patch_size) x (W / patch_size).
+`images` are B x 3 x H x W, normalised with `mean`/`std`, with H and W multiples of `patch_size`.
+`pos` is what the blocks need to know of positions on the grid (H / patch_size) x (W / patch_size), built
+once per forward and handed to every block: each family decides where positions enter.
+  - DINOv2, DINO v1 and its relatives add an interpolated absolute embedding to the tokens: pos is None;
+  - BEiT adds a relative position bias to every attention's logits: pos is the grid side;
+  - DINOv3 rotates queries and keys inside every attention (RoPE): pos is its (sin, cos).
+A new family needs nothing else: the model, the caches and the decoder only run this loop.
 """
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -30,8 +35,8 @@ class Encoder(Protocol):
     num_prefix_tokens: int              # class + register tokens, stripped before the anomaly map
     mean: tuple[float, float, float]    # the input normalisation the data pipeline applies
     std: tuple[float, float, float]
-    blocks: nn.ModuleList               # applied in order, each keeps the token shape
+    blocks: nn.ModuleList               # block(tokens, pos), applied in order, each keeps the token shape
 
-    def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embedding + prefix tokens + position embedding interpolated to the image's grid."""
+    def prepare_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(patch embedding + prefix tokens [+ position embedding], the position input of every block)."""
         ...

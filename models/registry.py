@@ -4,19 +4,21 @@ Weights are fetched once into a cache directory, verified, and loaded with stric
 a checkpoint that does not match the architecture is an error, never a half-loaded encoder.
 """
 import hashlib
+import math
 import os
 import re
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from .beit import BeitVisionTransformer
 from .dinov2 import DinoVisionTransformer
+from .dinov3 import DinoV3VisionTransformer
 from .encoder_interface import IMAGENET_MEAN, IMAGENET_STD, Encoder
 
 
@@ -46,12 +48,13 @@ class EncoderSpec:
     pos_grid: int = 37                    # side of the position-embedding grid stored in the weights
     mean: tuple[float, float, float] = IMAGENET_MEAN   # the statistics the weights were trained with
     std: tuple[float, float, float] = IMAGENET_STD
-    family: str = "dinov2"                # dinov2, dino (DINO v1's ViT) or beit
+    family: str = "dinov2"                # dinov2, dino (DINO v1's ViT), beit or dinov3
     cache_name: Optional[str] = None      # file name in the cache when the URL's is not unique
     checkpoint_key: Optional[str] = None
     prefix: str = ""
     dropped: tuple[str, ...] = ()         # regular expressions
     how_to_get: str = ""                  # for weights without a download URL
+    options: dict[str, Any] = field(default_factory=dict)  # the family constructor's own arguments
 
     @property
     def file_name(self) -> Optional[str]:
@@ -123,11 +126,59 @@ ENCODERS.update({
         "(github.com/OliverRensu/D-iGPT) and pass --encoder_weights PATH")),
 })
 
+# DINOv3 (facebookresearch/dinov3, dinov3/hub/backbones.py): patch 16, 4 storage tokens, RoPE. Downloads are
+# gated: Meta e-mails each accepted requester personal URLs, so there is nothing to fetch here. The file goes
+# under its official name (which carries its sha256 prefix) into the weights folder, or --encoder_weights PATH.
+DINOV3_FORM = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+
+
+def _dinov3(arch: str, dim: int, depth: int, heads: int, sha: str, data: str = "lvd1689m", **options) -> EncoderSpec:
+    file_name = f"dinov3_{arch}_pretrain_{data}-{sha}.pth"
+    mean, std = ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143)) if data == "sat493m" else (IMAGENET_MEAN, IMAGENET_STD)
+    dropped = options.pop("dropped", ())
+    return EncoderSpec(dim, depth, heads, 4, family="dinov3", patch_size=16, sha256=sha, cache_name=file_name,
+                       mean=mean, std=std, dropped=dropped, options=options, how_to_get=(
+                           f"DINOv3 weights are gated: request access at {DINOV3_FORM}, download {file_name} from "
+                           f"the link Meta e-mails you, and put it in {{folder}} (or pass --encoder_weights PATH)"))
+
+
+_SWIGLU = dict(ffn="swiglu", ffn_ratio=6.0)
+ENCODERS.update({
+    "dinov3_vit_small_16": _dinov3("vits16", 384, 12, 6, "08c60483"),
+    "dinov3_vit_small_plus_16": _dinov3("vits16plus", 384, 12, 6, "4057cbaa", **_SWIGLU),
+    "dinov3_vit_base_16": _dinov3("vitb16", 768, 12, 12, "73cec8be"),
+    "dinov3_vit_large_16": _dinov3("vitl16", 1024, 24, 16, "8aa4cbdd"),
+    "dinov3_vit_huge_plus_16": _dinov3("vith16plus", 1280, 32, 20, "7c1da9a5", **_SWIGLU),
+    # the 7B: no qkv bias, SwiGLU hidden width aligned to 64, and its untied local-crop class norm (unused)
+    "dinov3_vit_7b_16": _dinov3("vit7b16", 4096, 40, 32, "a955f4ea", ffn="swiglu", ffn_ratio=3.0, swiglu_align=64,
+                                qkv_bias=False, untie_local_cls_norm=True),
+    # ViT-L on satellite images (SAT-493M): its own normalisation; its file's local-crop class norm of
+    # pre-training is never applied at inference and is dropped on purpose.
+    "dinov3sat_vit_large_16": _dinov3("vitl16", 1024, 24, 16, "eadcf0ff", data="sat493m",
+                                      dropped=(r"^local_cls_norm\.",)),
+})
+
 # Tiny architectures with no official weights: for the test-suite and the offline CPU demo only.
 ENCODERS["dinov2_vit_tiny_14"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=0)
 ENCODERS["dinov2reg_vit_tiny_14"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=4)
 ENCODERS["dinov2_vit_tiny_16"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=0,
                                              patch_size=16, pos_grid=32)
+ENCODERS["dinov3_vit_tiny_16"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=4,
+                                             family="dinov3", patch_size=16)
+
+
+def default_target_layers(depth: int) -> list[int]:
+    """The 8 encoder blocks reconstructed by default (`target_layers: auto`), from the encoder's depth.
+
+    12 blocks: [2..9], the recipe. Deeper encoders keep the same relative depths, block round(depth * k / 12)
+    for k = 2..9: 24 -> [4, 6, ..., 18] (the paper's ViT-L and the public DINOv3 port), 32 -> [5, 8, 11, 13,
+    16, 19, 21, 24], 40 -> [7, 10, 13, 17, 20, 23, 27, 30]. Encoders of 10 or 11 blocks (the tests' tiny
+    ones) take [2..9] as well; shallower ones have no default."""
+    if depth < 10:
+        raise ValueError(f"an encoder of {depth} blocks has no default target_layers; give them as a list")
+    if depth <= 12:
+        return list(range(2, 10))
+    return [math.floor(depth * k / 12 + 0.5) for k in range(2, 10)]
 
 
 def get_spec(name: str) -> EncoderSpec:
@@ -141,6 +192,10 @@ def build_encoder(name: str) -> Encoder:
     if spec.family == "beit":
         return BeitVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size,
                                      spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std)
+    if spec.family == "dinov3":
+        return DinoV3VisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, num_storage_tokens=
+                                       spec.num_register_tokens, patch_size=spec.patch_size, mean=spec.mean,
+                                       std=spec.std, **spec.options)
     return DinoVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.num_register_tokens, spec.ffn,
                                  spec.patch_size, spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std,
                                  dinov2=spec.family == "dinov2")
@@ -193,11 +248,12 @@ def _download(url: str, dest: Path) -> None:
 def resolve_weights(name: str, weights_dir: Optional[str] = None) -> Path:
     """Path of the official checkpoint in the cache, downloading and verifying it as needed."""
     spec = get_spec(name)
-    if spec.url is None:
-        raise WeightsError(spec.how_to_get or f"encoder '{name}' has no official weights; pass --encoder_weights "
-                                              f"PATH or --encoder_weights random")
-    path = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
-    path = path / spec.file_name
+    folder = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
+    path = folder / spec.file_name if spec.file_name else None
+    if spec.url is None and not (path and path.exists()):
+        raise WeightsError(spec.how_to_get.format(folder=folder) if spec.how_to_get else
+                           f"encoder '{name}' has no official weights; pass --encoder_weights PATH or "
+                           f"--encoder_weights random")
     if not path.exists():
         _download(spec.url, path)
     if spec.sha256 is not None:

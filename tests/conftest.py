@@ -33,14 +33,20 @@ def meta_state_dict(dim: int, depth: int, registers: int, generator: torch.Gener
     return sd
 
 
-def block_outputs(tokens: torch.Tensor, blocks) -> list[torch.Tensor]:
+def block_outputs(tokens: torch.Tensor, blocks, *extra) -> list[torch.Tensor]:
     """The output of every block of `blocks` applied in turn to `tokens` (an independent re-run of a
-    Dinomaly half, for tests that rebuild its targets by hand)."""
+    Dinomaly half, for tests that rebuild its targets by hand); `extra` goes to every block."""
     outputs = []
     for block in blocks:
-        tokens = block(tokens)
+        tokens = block(tokens, *extra)
         outputs.append(tokens)
     return outputs
+
+
+def encoder_layers(encoder, images: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """The outputs of the encoder's first `depth` blocks, through the encoder interface."""
+    tokens, pos = encoder.prepare_tokens(images)
+    return block_outputs(tokens, encoder.blocks[:depth], pos)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import SCHEMA, ConfigError, load_config, parse_args
+from utils.config import SCHEMA, ConfigError, load_config, parse_args, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 UNI = str(ROOT / "configs" / "mvtec_uni.yaml")
@@ -13,7 +13,8 @@ def test_configs_hold_the_recipe():
     uni = load_config(UNI)
     sep = load_config(ROOT / "configs" / "mvtec_sep.yaml")
     assert set(uni) == set(SCHEMA) == set(sep)
-    assert uni["encoder"] == "dinov2reg_vit_base_14" and uni["target_layers"] == list(range(2, 10))
+    assert uni["encoder"] == "dinov2reg_vit_base_14" and uni["target_layers"] == "auto"
+    assert validate(uni, "uni", lambda _: None)["target_layers"] == list(range(2, 10))
     assert (uni["image_size"], uni["crop_size"], uni["batch_size"]) == (448, 392, 16)
     assert (uni["lr"], uni["final_lr"], uni["weight_decay"], uni["eps"]) == (2e-3, 2e-4, 1e-4, 1e-10)
     assert (uni["total_iters"], uni["warmup_iters"], uni["grad_clip"], uni["dropout"]) == (10000, 100, 0.1, 0.2)
@@ -28,6 +29,8 @@ def test_command_line_overrides_every_type():
     assert cfg["total_iters"] == 200 and cfg["lr"] == 1e-4 and cfg["target_layers"] == [2, 3, 4, 5]
     assert cfg["fuse_layer_encoder"] == [[0, 1], [2, 3]] and cfg["classes"] == ["bottle", "cable"]
     assert cfg["encoder_weights"] is None and cfg["device"] == "cpu"
+    cfg, _ = parse_args(["--target_layers", "auto", "--encoder", "dinov2reg_vit_large_14"], UNI, "")
+    assert cfg["target_layers"] == [4, 6, 8, 10, 12, 14, 16, 18]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -66,7 +69,8 @@ def test_missing_key_gets_its_default_with_a_note_and_missing_file_fails(tmp_pat
     path = tmp_path / "partial.yaml"
     path.write_text("dataset: visa\ntotal_iters: 700\n")
     cfg, _ = parse_args(["--config", str(path)], UNI, "")
-    assert cfg == {**load_config(ROOT / "configs" / "base.yaml"), "dataset": "visa", "total_iters": 700}
+    assert cfg == {**load_config(ROOT / "configs" / "base.yaml"), "dataset": "visa", "total_iters": 700,
+                   "target_layers": list(range(2, 10))}  # auto, resolved for the default ViT-B
     note = capsys.readouterr().out
     assert "has no data_path" in note and "data_path='../mvtec_anomaly_detection'" in note
     with pytest.raises(ConfigError, match="config file not found"):

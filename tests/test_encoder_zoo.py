@@ -169,9 +169,9 @@ def test_dino_v1_interpolation_offset_and_no_layer_scale(tiny, tmp_path):
     patches = F.conv2d(images, backbone["patch_embed.proj.weight"], backbone["patch_embed.proj.bias"], stride=PATCH)
     tokens = torch.cat((backbone["cls_token"].expand(2, -1, -1), patches.flatten(2).transpose(1, 2)), 1) + pos
     with torch.no_grad():
-        got = encoder.prepare_tokens(images)
+        got, pos = encoder.prepare_tokens(images)
         torch.testing.assert_close(got, tokens, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(encoder.blocks[0](got), direct_block(got, backbone, "blocks.0.", None),
+        torch.testing.assert_close(encoder.blocks[0](got, pos), direct_block(got, backbone, "blocks.0.", None),
                                    rtol=1e-4, atol=1e-5)
 
 
@@ -227,9 +227,9 @@ def test_beit_relative_position_bias_and_no_k_bias(tiny, tmp_path):
     images = torch.randn(2, 3, 224, 224)
     table = kept["blocks.0.attn.relative_position_bias_table"]
     with torch.no_grad():
-        tokens = encoder.prepare_tokens(images)
+        tokens, grid = encoder.prepare_tokens(images)
         want = direct_block(tokens, kept, "blocks.0.", direct_relative_bias(table, GRID).unsqueeze(0))
-        torch.testing.assert_close(encoder.blocks[0](tokens), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(encoder.blocks[0](tokens, grid), want, rtol=1e-4, atol=1e-5)
 
 
 def test_beit_at_other_sizes_resizes_the_relative_table(tiny, tmp_path):
@@ -243,9 +243,10 @@ def test_beit_at_other_sizes_resizes_the_relative_table(tiny, tmp_path):
     resized = F.interpolate(window, size=(2 * grid - 1, 2 * grid - 1), mode="bicubic", align_corners=False)
     resized_table = torch.cat((resized.reshape(HEADS, -1).T, table[-3:]))
     with torch.no_grad():
-        tokens = encoder.prepare_tokens(torch.randn(1, 3, 112, 112))
+        tokens, pos = encoder.prepare_tokens(torch.randn(1, 3, 112, 112))
         want = direct_block(tokens, kept, "blocks.0.", direct_relative_bias(resized_table, grid).unsqueeze(0))
-        torch.testing.assert_close(encoder.blocks[0](tokens), want, rtol=1e-4, atol=1e-5)
+        assert pos == grid
+        torch.testing.assert_close(encoder.blocks[0](tokens, pos), want, rtol=1e-4, atol=1e-5)
 
 
 def test_input_normalisation_is_imagenet_unless_the_encoders_is_asked_for():
@@ -270,13 +271,16 @@ def test_dinomaly_runs_on_other_families(name, tiny):
     assert [tuple(m.shape) for m in en + de] == [(2, D, 7, 7)] * 4
 
 
-def test_per_size_defaults_are_pointed_out():
+def test_target_layers_follow_the_encoder_depth_and_a_list_wins():
     from utils.config import DEFAULTS, ConfigError, validate
-    notes = []
-    validate({**DEFAULTS, "encoder": "mae_vit_large_16", "image_size": 512, "crop_size": 448}, "cfg", notes.append)
-    assert "--target_layers 4,6,8,10,12,14,16,18" in notes[0]
-    validate({**DEFAULTS, "encoder": "dinov2reg_vit_large_14", "target_layers": [4, 6, 8, 10, 12, 14, 16, 18]},
-             "cfg", notes.append)
-    assert len(notes) == 1
+    resolved = lambda **cfg: validate({**DEFAULTS, **cfg}, "cfg", lambda _: None)["target_layers"]
+    assert DEFAULTS["target_layers"] == "auto"
+    assert resolved() == [2, 3, 4, 5, 6, 7, 8, 9]  # ViT-B: the recipe
+    assert resolved(encoder="mae_vit_large_16", image_size=512, crop_size=448) == [4, 6, 8, 10, 12, 14, 16, 18]
+    assert resolved(encoder="dinov3_vit_huge_plus_16", image_size=512, crop_size=448) == [5, 8, 11, 13, 16, 19, 21, 24]
+    assert resolved(encoder="dinov2reg_vit_giant_14") == [7, 10, 13, 17, 20, 23, 27, 30]
+    assert resolved(encoder="dinov2reg_vit_large_14", target_layers=[1, 2, 3]) == [1, 2, 3]
+    with pytest.raises(ConfigError, match="'target_layers' must be a list or 'auto', got 'deep'"):
+        resolved(target_layers="deep")
     with pytest.raises(ConfigError, match="--image_size 512 --crop_size 448"):
-        validate({**DEFAULTS, "encoder": "dino_vit_base_16"}, "cfg", notes.append)
+        validate({**DEFAULTS, "encoder": "dino_vit_base_16"}, "cfg", lambda _: None)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import block_outputs
+from conftest import block_outputs, encoder_layers
 from models import LinearAttention, build_encoder, build_model
 from utils.config import DEFAULTS
 
@@ -46,10 +46,10 @@ def test_token_order_cls_registers_patches_and_registers_have_no_pos_embed():
     with torch.no_grad():
         encoder.register_tokens.normal_()
         images = torch.randn(2, 3, 112, 112)
-        tokens = encoder.prepare_tokens(images)
+        tokens, block_pos = encoder.prepare_tokens(images)
         pos = encoder.interpolate_pos_encoding(64, 112, 112)
         patches = encoder.patch_embed(images)
-    assert tokens.shape == (2, 1 + 4 + 64, 64)
+    assert tokens.shape == (2, 1 + 4 + 64, 64) and block_pos is None
     torch.testing.assert_close(tokens[:, 0], (encoder.cls_token + pos[:, :1])[:, 0].expand(2, -1))
     torch.testing.assert_close(tokens[:, 1:5], encoder.register_tokens.expand(2, -1, -1), rtol=0, atol=0)
     torch.testing.assert_close(tokens[:, 5:], patches + pos[:, 1:])
@@ -90,7 +90,7 @@ def test_forward_groups_layers_as_the_recipe(small_model):
     images = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         en, de = model(images)
-        layers = block_outputs(model.encoder.prepare_tokens(images), model.encoder.blocks[:10])
+        layers = encoder_layers(model.encoder, images, 10)
         target = layers[2:10]
         decoded = block_outputs(model.bottleneck(torch.stack(target).mean(0)), model.decoder)
     to_map = lambda t: t[:, 5:].transpose(1, 2).reshape(2, 384, 8, 8)

@@ -29,7 +29,8 @@ def tiny_table(tmp_path: Path) -> Path:
         f"  - {{name: dropout 0.1, overrides: {{dropout: 0.1}}, paper: {PAPER_A}}}\n"
         "  - {name: jitter 5, overrides: {dropout: 0.0, feature_jitter: 5.0}, paper: [1, 2, 3, 4, 5, 6, 7],\n"
         "     ambiguous: test}\n"
-        "  - {name: not yet, skip: not implemented, paper: [1, 2, 3, 4, 5, 6, 7]}\n")
+        "  - {name: not yet, skip: not implemented, paper: [1, 2, 3, 4, 5, 6, 7]}\n"
+        "  - {name: elsewhere, results_of: dropout 0.1, source: a fork, paper: [95.0, null, 1, 2, 3, 4, 5]}\n")
     return path
 
 
@@ -64,6 +65,10 @@ def test_reproduce_runs_resumes_and_writes_the_comparison(synthetic_data, tiny_w
     assert float(rows["dropout 0.1"]["I-AUROC paper"]) == 90.0
     assert float(rows["dropout 0.1"]["I-AUROC diff"]) == pytest.approx(float(ours["I-AUROC"]) - 90.0, abs=0.01)
     assert rows["not yet"]["I-AUROC ours"] == "" and "not implemented" in rows["not yet"]["note"]
+    other = rows["elsewhere"]  # the same run against a second source, which gives no I-AP
+    assert other["I-AUROC ours"] == rows["dropout 0.1"]["I-AUROC ours"] and "source: a fork" in other["note"]
+    assert other["I-AP paper"] == other["I-AP diff"] == "" and other["I-AP ours"] == rows["dropout 0.1"]["I-AP ours"]
+    assert float(other["I-AUROC diff"]) == pytest.approx(float(ours["I-AUROC"]) - 95.0, abs=0.01)
     text = (out / "tiny" / "table.md").read_text()
     assert "| jitter 5 * |" in text and "ambiguous: test" in text
     assert (out / "tiny" / "table.png").stat().st_size > 1000

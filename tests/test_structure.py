@@ -9,7 +9,7 @@ import yaml
 from conftest import ROOT, meta_state_dict, run_script, tiny_run_args
 from test_reliability import interrupt_after_first_checkpoint
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.config import DEFAULTS, ConfigError, load_config, parse_args
+from utils.config import DEFAULTS, ConfigError, load_config, parse_args, validate
 
 SETTINGS = ["mvtec_uni", "mvtec_sep", "visa_uni", "visa_sep", "realiad_uni", "realiad_sep", "mpdd_sep"]
 
@@ -17,8 +17,8 @@ SETTINGS = ["mvtec_uni", "mvtec_sep", "visa_uni", "visa_sep", "realiad_uni", "re
 @pytest.mark.parametrize("name", SETTINGS)
 def test_each_setting_resolves_to_its_old_flat_config(name):
     flat = yaml.safe_load((ROOT / "tests" / "legacy_configs" / f"{name}.yaml").read_text())
-    resolved = load_config(ROOT / "configs" / f"{name}.yaml")
-    assert {k: resolved[k] for k in flat} == flat           # every old key keeps its value
+    resolved = validate(load_config(ROOT / "configs" / f"{name}.yaml"), name, lambda _: None)
+    assert {k: resolved[k] for k in flat} == flat           # every old key keeps its value (auto resolved)
     assert {k: v for k, v in resolved.items() if k not in flat} == {k: DEFAULTS[k] for k in set(DEFAULTS) - set(flat)}
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from conftest import block_outputs
+from conftest import block_outputs, encoder_layers
 from models.dinomaly import ConvMixer, FeatureJitter, LinearAttention, neighbour_mask
 from models.dinov2 import Attention
 from utils.config import DEFAULTS
@@ -124,7 +124,7 @@ def test_layer_to_cat_layer_concatenates_the_group_and_widens_the_last_block():
     images = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         en, de = model(images)
-        layers = block_outputs(model.encoder.prepare_tokens(images), model.encoder.blocks[:10])
+        layers = encoder_layers(model.encoder, images, 10)
         picked = torch.cat([layers[t] for t in (3, 5, 7, 9)], dim=-1)[:, 5:]  # target layers 1, 3, 5, 7
         torch.testing.assert_close(en[0], picked.transpose(1, 2).reshape(2, 256, 4, 4))
         x = block_outputs(model.bottleneck(torch.stack(layers[2:10], dim=1).mean(dim=1)), model.decoder)[-1]

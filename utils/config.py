@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Union, get_args, get_origi
 
 import yaml
 
-from models.registry import ENCODERS
+from models.registry import ENCODERS, default_target_layers
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 PARENT_KEY = "_base_"
@@ -48,9 +48,11 @@ def _infer_type(key: str, value: Any) -> Any:
     return type(value)
 
 
+AUTO = "auto"  # a value resolved from the encoder when the config is validated
 NULL_DEFAULT_TYPES = {"classes": Optional[list[str]]}
+TYPE_OVERRIDES = {"target_layers": Union[list[int], str]}  # a list, or AUTO
 DEFAULTS: dict[str, Any] = load_yaml(BASE_CONFIG)
-SCHEMA: dict[str, Any] = {key: _infer_type(key, value) for key, value in DEFAULTS.items()}
+SCHEMA: dict[str, Any] = {key: TYPE_OVERRIDES.get(key) or _infer_type(key, value) for key, value in DEFAULTS.items()}
 
 CHOICES = {
     "dataset": ("mvtec", "visa", "mpdd", "realiad", "folder"),
@@ -94,6 +96,8 @@ def _matches(value: Any, tp: Any) -> bool:
 
 def _parse_cli_value(text: str, tp: Any) -> Any:
     """Command-line text -> value: YAML syntax, plus '1e-4' as a float and 'a,b,c' as a list."""
+    if text == AUTO and _matches(AUTO, tp):
+        return AUTO
     base = [a for a in get_args(tp) if a is not type(None)][0] if get_origin(tp) is Union else tp
     if base is str:
         return None if text.lower() in ("null", "none") and base is not tp else text
@@ -116,6 +120,8 @@ def _check(cfg: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
         if not _matches(value, SCHEMA[key]):
             raise ConfigError(f"{source}: '{key}' must be {_type_name(SCHEMA[key])}, got {value!r}")
+        if isinstance(value, str) and key in TYPE_OVERRIDES and value != AUTO:
+            raise ConfigError(f"{source}: '{key}' must be a list or '{AUTO}', got '{value}'")
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{source}: '{key}' must be one of {', '.join(CHOICES[key])}, got '{value}'")
         if key in POSITIVE and value <= 0:
@@ -147,9 +153,8 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
         hint = " (the paper runs 16-pixel encoders at --image_size 512 --crop_size 448)" if patch_size == 16 else ""
         raise ConfigError(f"{source}: crop_size must be a multiple of the patch size {patch_size} of encoder "
                           f"'{cfg['encoder']}', got {cfg['crop_size']}{hint}")
-    if ENCODERS[cfg["encoder"]].depth == 24 and cfg["target_layers"] == DEFAULTS["target_layers"]:
-        note(f"note: {source}: '{cfg['encoder']}' has 24 blocks; the paper takes its layers 4,6,...,18 "
-             f"(--target_layers 4,6,8,10,12,14,16,18), this run takes the 12-block default 2..9")
+    if cfg["target_layers"] == AUTO:
+        cfg["target_layers"] = default_target_layers(ENCODERS[cfg["encoder"]].depth)
     if cfg["warmup_iters"] >= cfg["total_iters"]:
         raise ConfigError(f"{source}: warmup_iters ({cfg['warmup_iters']}) must be below total_iters "
                           f"({cfg['total_iters']})")
