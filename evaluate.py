@@ -19,11 +19,12 @@ import numpy as np
 
 from datasets import TestSet, build_test_set
 from models import input_normalization
+from models.registry import check_encoder_weights
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import add_config_flags, collect_overrides, dump, parse_known, validate
 from utils.evaluation import ClassOutputs, EvaluationResult, evaluate, format_markdown, write_tables
 from utils.device import peak_memory_mib, resolve_device
-from utils.run_setup import RunLog, run_cli
+from utils.run_setup import RunLog, output_folder, run_cli
 from utils.visualize import save_panel, to_display_image
 
 EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "device", "batch_size", "num_workers",
@@ -60,6 +61,14 @@ def map_saver(out_dir: Path, count: int, cfg: dict):
 
 
 
+def prepare_job(checkpoint: dict, overrides: dict) -> tuple[dict, dict, list[str], dict]:
+    """A checkpoint with its config, classes and test sets, its encoder weights checked."""
+    cfg = validate({**checkpoint["config"], **overrides}, f"config of {checkpoint['path']} + command line")
+    check_encoder_weights(cfg["encoder"], cfg["encoder_weights"], cfg["weights_dir"])
+    classes = overrides.get("classes") or checkpoint["classes"]
+    return checkpoint, cfg, classes, {name: build_test_set(cfg, name) for name in classes}
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -73,16 +82,13 @@ def main(argv: list[str]) -> None:
     overrides = collect_overrides(args, EVAL_KEYS)
 
     paths, run_dir = find_checkpoints(args)
-    checkpoints = [load_checkpoint(path) for path in paths]
-    out_dir = Path(args.out) if args.out else run_dir / f"eval_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+    jobs = [prepare_job(load_checkpoint(path), overrides) for path in paths]  # every mistake found before writing
+    out_dir = output_folder(args.out or run_dir / f"eval_{datetime.datetime.now():%Y%m%d_%H%M%S}", "--out")
     out_dir.mkdir(parents=True, exist_ok=False)
     log = RunLog(out_dir)
     combined = EvaluationResult(rows={}, defects=[], images=0, seconds=0.0)
-    for checkpoint in checkpoints:
-        cfg = validate({**checkpoint["config"], **overrides}, f"config of {checkpoint['path']} + command line")
+    for checkpoint, cfg, classes, test_sets in jobs:
         device = resolve_device(cfg["device"])
-        classes = overrides.get("classes") or checkpoint["classes"]
-        test_sets = {name: build_test_set(cfg, name) for name in classes}
         model = model_from_checkpoint(checkpoint, cfg).to(device)
         (out_dir / "eval_config.yaml").write_text(dump(cfg))
         log(f"checkpoint {checkpoint['path']} (step {checkpoint['step']}) on {device}: {', '.join(classes)}")

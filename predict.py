@@ -22,7 +22,7 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, add_config_flags, collect_overrides, parse_known, validate
 from utils.evaluation import predict_maps
 from utils.device import resolve_device
-from utils.run_setup import run_cli
+from utils.run_setup import output_folder, run_cli
 from utils.visualize import save_panel, to_display_image
 
 PREDICT_KEYS = ("device", "batch_size", "encoder_weights", "weights_dir", "max_ratio")
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
     normalization = input_normalization(cfg)
     transform = image_transform(cfg["image_size"], cfg["crop_size"], *normalization)
     scale = colour_scale(checkpoint, args.class_name)
-    out = Path(args.out)
+    out = output_folder(args.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
 
     rows, failed = [], []

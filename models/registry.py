@@ -6,10 +6,12 @@ a checkpoint that does not match the architecture is an error, never a half-load
 import hashlib
 import math
 import os
+import pickle
 import re
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -264,8 +266,9 @@ def resolve_weights(name: str, weights_dir: Optional[str] = None) -> Path:
     return path
 
 
-def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Load with every key and shape checked; the one-line error lists what differs and names the file."""
+def check_state_dict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Every key and shape of `state_dict` against `module` (which may live on the meta device); the
+    one-line error lists what differs and names the file."""
     not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise WeightsError(f"{source} is not a flat state dict of tensors: '{not_tensors[0]}' holds a "
@@ -280,16 +283,58 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: st
                  for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                       ("shape mismatches", mismatched)) if items]
         raise WeightsError(f"{source} does not match the architecture: " + "; ".join(parts))
+
+
+def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Load with every key and shape checked (check_state_dict)."""
+    check_state_dict(module, state_dict, source)
     module.load_state_dict(state_dict, strict=True)
 
 
-def load_weights_file(path: Path, what: str, error: type = WeightsError):
-    """torch.load of a file a user hands us: weights_only=True, and an unreadable file is `error` naming it."""
+ZIP_MAGIC = b"PK\x03\x04"  # PyTorch's format since 1.6 is a zip archive holding <name>/data.pkl
+
+
+def what_is_wrong_with(path: Path) -> Optional[str]:
+    """Why `path` cannot be a PyTorch file, from its first bytes and zip directory (None: it may be one).
+    Cheap: nothing is unpickled."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "the file is empty"
+    if head.startswith(ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a damaged or truncated zip archive (PyTorch files are zip archives; download it again)"
+        if not any(name.endswith("data.pkl") for name in names):
+            return (f"a zip archive of something else, not a PyTorch file (no data.pkl inside; it holds "
+                    f"{', '.join(names[:3]) or 'nothing'})")
+        return None
+    if head[0] == 0x80:  # a pickle: PyTorch's format before 1.6
+        return None
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return f"a text file, not a PyTorch file (it starts with {head[:40].decode().strip()!r})"
+    return f"not a PyTorch file: neither a zip archive nor a pickle (it starts with bytes {head[:8].hex(' ')})"
+
+
+def load_weights_file(path: Path, what: str, error: type = WeightsError, mmap: bool = False):
+    """torch.load of a file a user hands us: weights_only=True, and an unusable file is one `error` line
+    naming it and saying what it is. `mmap` maps tensors instead of reading them (a cheap look at keys
+    and shapes; only for zip-format files)."""
+    problem = what_is_wrong_with(path)
+    if problem is not None:
+        raise error(f"could not read {what} {path}: {problem}")
+    with open(path, "rb") as f:
+        mmap = mmap and f.read(4) == ZIP_MAGIC
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise error(f"could not read {what} {path}: it holds Python objects other than tensors and plain "
+                    f"containers, which are never loaded from a file handed to us (weights_only)") from None
     except Exception as failure:
-        reason = str(failure).strip().splitlines()[0]
-        raise error(f"could not read {what} {path} (not a checkpoint, or corrupt): {reason}") from None
+        lines = str(failure).strip().splitlines() or [type(failure).__name__]
+        raise error(f"could not read {what} {path}: corrupt or truncated ({lines[0]})") from None
 
 
 def local_weights_path(weights: Optional[str]) -> Optional[Path]:
@@ -300,6 +345,26 @@ def local_weights_path(weights: Optional[str]) -> Optional[Path]:
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights not found: {path}")
     return path
+
+
+def _encoder_state(name: str, weights: Optional[str], weights_dir: Optional[str], mmap: bool) -> tuple[dict, Path]:
+    """The encoder's state dict from its file (local, or official: cached or downloaded) and the file."""
+    path = local_weights_path(weights) or resolve_weights(name, weights_dir)
+    raw = load_weights_file(path, "encoder weights", mmap=mmap)
+    if not isinstance(raw, dict):
+        raise WeightsError(f"encoder weights {path} hold a {type(raw).__name__}, expected a state dict "
+                           f"in the official layout of '{name}'")
+    return official_layout(get_spec(name), raw, path), path
+
+
+def check_encoder_weights(name: str, weights: Optional[str] = None, weights_dir: Optional[str] = None) -> None:
+    """Everything load_encoder would refuse, found before a run starts: a missing file (or failed
+    download), an unreadable one, another model's. Tensors are memory-mapped, not read."""
+    if weights == "random":
+        return
+    state_dict, path = _encoder_state(name, weights, weights_dir, mmap=True)
+    with torch.device("meta"):
+        check_state_dict(build_encoder(name), state_dict, f"encoder weights {path} (for '{name}')")
 
 
 def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional[str] = None,
@@ -315,12 +380,7 @@ def load_encoder(name: str, weights: Optional[str] = None, weights_dir: Optional
         warnings.warn(f"\n{'!' * 78}\n!! encoder '{name}' is RANDOMLY INITIALISED: results are meaningless "
                       f"for real data.\n!! Use this only for tests and smoke runs.\n{'!' * 78}", stacklevel=2)
         return encoder
-    path = local_weights_path(weights) or resolve_weights(name, weights_dir)
-    raw = load_weights_file(path, "encoder weights")
-    if not isinstance(raw, dict):
-        raise WeightsError(f"encoder weights {path} hold a {type(raw).__name__}, expected a state dict "
-                           f"in the official layout of '{name}'")
-    state_dict = official_layout(get_spec(name), raw, path)
+    state_dict, path = _encoder_state(name, weights, weights_dir, mmap=False)
     load_state_dict_strict(encoder, state_dict, f"encoder weights {path} (for '{name}')")
     if verbose:
         print(f"Loaded encoder '{name}' from {path}", flush=True)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -107,6 +108,13 @@ def _garbage(kind: str, path: Path) -> None:
         torch.save({"model": {"fc.weight": torch.zeros(3, 3)}}, path)
     elif kind == "a tensor":
         torch.save(torch.zeros(3), path)
+    elif kind == "truncated":
+        torch.save({"fc.weight": torch.zeros(64, 64)}, path)
+        truncate(path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "pickled object":
+        torch.save({"model": Path("x")}, path)  # a Python object that weights_only refuses
 
 
 # (case, how to break it, extra args, culprit that the one-line error must name)
@@ -143,12 +151,45 @@ def test_user_mistakes_are_one_line_errors(data, tiny_weights, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind", ["random bytes", "text", "zip", "another model", "wrapped", "a tensor"])
-def test_garbage_weights_file_is_one_line_naming_it(data, tmp_path, capsys, kind):
+GARBAGE = {"random bytes": "neither a zip archive nor a pickle", "text": "a text file", "zip": "a zip archive of "
+           "something else", "another model": "missing keys", "wrapped": "'model' holds a dict", "a tensor": "hold a Tensor",
+           "truncated": "damaged or truncated", "empty": "empty", "pickled object": "Python objects other than tensors"}
+
+
+@pytest.mark.parametrize("kind", list(GARBAGE))
+def test_garbage_weights_file_is_one_line_naming_it_before_any_run_directory(data, tmp_path, capsys, kind):
     path = tmp_path / "weights.pth"
     _garbage(kind, path)
     result = run_in_process(train_uni, tiny_run_args(data, path, tmp_path / "out"), capsys)
     assert_one_line_error(result, str(path))
+    assert GARBAGE[kind] in result.stderr and "weights_only=False" not in result.stderr.replace(" ", "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_official_weights_leave_no_run_directory(data, tmp_path, capsys, monkeypatch):
+    from models import registry
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(registry.urllib.request, "urlopen", offline)
+    argv = tiny_run_args(data, "x", tmp_path / "out", encoder="dinov2_vit_small_14", weights_dir=tmp_path / "cache")
+    argv = argv[:argv.index("--encoder_weights")] + argv[argv.index("--encoder_weights") + 2:]
+    for _ in range(2):  # the next attempt neither
+        result = run_in_process(train_uni, argv, capsys)
+        assert_one_line_error(result, "dinov2_vits14_pretrain.pth")
+        assert "put it at" in result.stderr and not (tmp_path / "out").exists()
+    dinov3 = tiny_run_args(data, "x", tmp_path / "out", encoder="dinov3_vit_base_16", image_size=128, crop_size=112)
+    dinov3 = dinov3[:dinov3.index("--encoder_weights")] + dinov3[dinov3.index("--encoder_weights") + 2:]
+    assert_one_line_error(run_in_process(train_uni, dinov3, capsys), "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(data, tiny_weights, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for out in (taken, taken / "sub"):
+        result = run_in_process(train_uni, tiny_run_args(data, tiny_weights, out), capsys)
+        assert_one_line_error(result, f"{taken} is a file, expected a folder")
 
 
 def test_checkpoint_and_run_directory_mistakes(trained_run, tmp_path, capsys):

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from datasets import DatasetLayoutError
-from models.registry import WeightsError, local_weights_path
+from models.registry import WeightsError, check_encoder_weights
 from .checkpoint import CheckpointError, TrainingDiverged
 from .config import (DEFAULTS, SCHEMA, ConfigError, build_parser, collect_overrides, config_from_args, dump, load_yaml,
                      parse_known, validate)
@@ -30,12 +30,12 @@ USER_ERRORS = (CheckpointError, ConfigError, DatasetLayoutError, FileExistsError
                WeightsError)
 
 
-def run_cli(main: Callable[[list[str]], Optional[int]], argv: list[str]) -> int:
-    """Run a script's main; a user's mistake (USER_ERRORS) becomes one `error:` line on stderr and
-    exit status 1, never a traceback."""
+def run_cli(main: Callable[[list[str]], Optional[int]], argv: list[str], errors: tuple = ()) -> int:
+    """Run a script's main; a user's mistake (USER_ERRORS, and the script's own `errors`) becomes one
+    `error:` line on stderr and exit status 1, never a traceback."""
     try:
         return main(argv) or 0
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, *errors) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
@@ -55,6 +55,17 @@ class RunLog:
             f.write(message + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def output_folder(path, flag: str) -> Path:
+    """A folder the user names for output; an existing file there is a one-line error, not a traceback."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: {parent} is a file, expected a folder")
+            break
+    return path
 
 
 def create_run_dir(output_dir: str, run_name: str, overwrite: bool = False) -> Path:
@@ -129,7 +140,9 @@ def start(argv: list[str], default_config: str, description: str
     if cfg["precision"] == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
     cfg["precision"] = effective_precision(cfg, device, notes.append)
-    local_weights_path(cfg["encoder_weights"])  # a missing file fails here, before a run directory exists
+    output_folder(cfg["output_dir"], "--output_dir")
+    # a missing, unreadable or mismatched weights file (or a failed download) fails before a run directory exists
+    check_encoder_weights(cfg["encoder"], cfg["encoder_weights"], cfg["weights_dir"])
     cfg["run_name"] = broadcast(cfg["run_name"])
     return cfg, args, device, notes
 
