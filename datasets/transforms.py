@@ -7,8 +7,12 @@ from torchvision import transforms as T
 
 
 def image_transform(image_size: int, crop_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.CenterCrop(crop_size),
-                      T.Normalize(mean, std)])
+    return T.Compose([*resize_and_crop(image_size, crop_size).transforms, T.Normalize(mean, std)])
+
+
+def resize_and_crop(image_size: int, crop_size: int) -> T.Compose:
+    """The transform without normalisation: what an exported model takes (it normalises inside)."""
+    return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.CenterCrop(crop_size)])
 
 
 def mask_transform(image_size: int, crop_size: int) -> T.Compose:

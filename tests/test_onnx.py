@@ -1,0 +1,179 @@
+"""ONNX export and the torch-free scorer: the exported graph reproduces PyTorch's maps and scores, the
+scorer reproduces predict.py's scores without importing torch or this repository, and the exporter
+refuses a file that disagrees."""
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements-onnx.txt)")
+pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements-onnx.txt)")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install -r requirements-onnx.txt)")
+
+import export  # noqa: E402
+import predict_onnx  # noqa: E402
+from conftest import ROOT, run_script, tiny_run_args  # noqa: E402
+from datasets import load_image  # noqa: E402
+from datasets.transforms import image_transform  # noqa: E402
+from models import input_normalization  # noqa: E402
+from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from utils.evaluation import predict_maps  # noqa: E402
+
+# Runs a script with torch, torchvision, PIL and this repository's packages made unimportable.
+WITHOUT_TORCH = ("import runpy, sys\n"
+                 "for name in ('torch', 'torchvision', 'PIL', 'models', 'utils', 'datasets', 'sklearn'):\n"
+                 "    sys.modules[name] = None\n"
+                 "script, sys.argv = sys.argv[1], sys.argv[1:]\n"
+                 "runpy.run_path(script, run_name='__main__')\n")
+
+
+def run_without_torch(script: str, args: list, blocked_extra: tuple = ()) -> subprocess.CompletedProcess:
+    code = WITHOUT_TORCH.replace("'sklearn')", "'sklearn'" + "".join(f", {b!r}" for b in blocked_extra) + ")")
+    return subprocess.run([sys.executable, "-c", code, str(ROOT / script), *map(str, args)], capture_output=True,
+                          text=True, cwd=tempfile.gettempdir())  # away from the repository
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tiny_weights, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    result = run_script("export.py", ["--checkpoint", trained_run / "checkpoint.pth", "--out", out,
+                                      "--encoder_weights", tiny_weights])
+    assert "parity on 4 test images" in result.stdout and "wrote" in result.stdout
+    return out
+
+
+def test_the_graph_reproduces_pytorch_at_batch_1_and_3(exported, trained_run, tiny_weights, synthetic_data):
+    checkpoint = load_checkpoint(trained_run / "checkpoint.pth", note=lambda _: None)
+    cfg = {**checkpoint["config"], "encoder_weights": str(tiny_weights)}
+    model = model_from_checkpoint(checkpoint, cfg).eval()
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    paths = sorted((synthetic_data / "checker" / "test").rglob("*.png"))[:4]
+    normalised = torch.stack([image_transform(cfg["image_size"], cfg["crop_size"], *input_normalization(cfg))(
+        load_image(p)) for p in paths])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in input_normalization(cfg))
+    for batch in (normalised[:1], normalised[1:]):  # the graph takes [0, 1] images and normalises inside
+        with torch.no_grad():
+            maps, scores = predict_maps(model, batch, cfg)  # predict.py's computation
+        onnx_maps, onnx_scores = session.run(None, {"images": (batch * std + mean).numpy()})
+        assert onnx_maps.shape == (len(batch), cfg["map_size"], cfg["map_size"]) and onnx_scores.shape == (len(batch),)
+        assert np.abs(onnx_maps - maps.numpy()).max() <= 1e-4
+        assert (np.abs(onnx_scores - scores.numpy()) / np.abs(scores.numpy())).max() <= 1e-5
+
+    meta = session.get_modelmeta().custom_metadata_map
+    thresholds = json.loads(meta["dinomaly.image_thresholds"])
+    assert thresholds == {name: row["image_threshold"] for name, row in checkpoint["results"].items()}
+    assert f"encoder: {cfg['encoder']}" in meta["dinomaly.config"]
+    assert (int(meta["dinomaly.image_size"]), int(meta["dinomaly.crop_size"])) == (cfg["image_size"], cfg["crop_size"])
+
+
+def scores_of(folder: Path) -> dict[str, float]:
+    with open(folder / "scores.csv") as f:
+        return {r["file"]: float(r["score"]) for r in csv.DictReader(f)}
+
+
+def test_the_torch_free_scorer_gives_predict_py_scores(exported, trained_run, tiny_weights, synthetic_data, tmp_path):
+    images = synthetic_data / "stripes" / "test"
+    run_script("predict.py", ["--checkpoint", trained_run / "checkpoint.pth", "--images", images, "--out",
+                              tmp_path / "torch", "--encoder_weights", tiny_weights])
+    result = run_without_torch("predict_onnx.py", ["--model", exported, "--images", images, "--out", tmp_path / "onnx"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, reference = scores_of(tmp_path / "onnx"), scores_of(tmp_path / "torch")
+    assert set(ours) == set(reference) and len(ours) == 20  # 8 good, 4 of each of 3 defects
+    assert all(abs(ours[k] - reference[k]) <= 1e-5 * abs(reference[k]) + 1e-6 for k in ours)
+    assert sorted(p.name for p in (tmp_path / "onnx" / "heatmaps").iterdir()) == sorted(
+        p.name for p in (tmp_path / "torch" / "heatmaps").iterdir())
+
+    verdicts = run_without_torch("predict_onnx.py", ["--model", exported, "--images", images, "--threshold", "f1",
+                                                     "--class_name", "stripes", "--no_heatmaps", "--out", tmp_path / "v"])
+    assert verdicts.returncode == 0 and "anomalous" in (tmp_path / "v" / "scores.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("height,width,size", [(128, 128, 448), (1024, 1024, 448), (600, 600, 392), (97, 97, 64)])
+def test_the_scorers_resize_is_pils_bit_for_bit(height, width, size):
+    image = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    reference = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    assert np.array_equal(predict_onnx.pil_resize(image, size), reference)
+
+
+def test_non_square_resizes_are_within_one_grey_level():
+    image = np.random.default_rng(0).integers(0, 256, (700, 300, 3), dtype=np.uint8)
+    reference = np.asarray(Image.fromarray(image).resize((256, 256), Image.BILINEAR)).astype(int)
+    assert np.abs(predict_onnx.pil_resize(image, 256).astype(int) - reference).max() <= 1
+
+
+def test_centre_crop_rounds_as_torchvision():
+    from torchvision.transforms import CenterCrop
+    image = np.arange(9 * 7 * 3, dtype=np.uint8).reshape(9, 7, 3)
+    want = CenterCrop(4)(torch.from_numpy(image).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+    assert np.array_equal(predict_onnx.center_crop(image, 4), want)
+
+
+def test_a_graph_that_disagrees_is_not_written(trained_run, tiny_weights, tmp_path, monkeypatch, capsys):
+    original = export.export_graph
+
+    def export_a_perturbed_model(graph, crop_size, path):
+        with torch.no_grad():
+            graph.model.decoder[0].mlp.fc2.bias.add_(0.5)  # what reaches the file is not what is compared
+        original(graph, crop_size, path)
+        with torch.no_grad():
+            graph.model.decoder[0].mlp.fc2.bias.sub_(0.5)
+    monkeypatch.setattr(export, "export_graph", export_a_perturbed_model)
+    out = tmp_path / "bad.onnx"
+    from utils.run_setup import run_cli
+    code = run_cli(export.main, ["--checkpoint", str(trained_run), "--out", str(out), "--encoder_weights",
+                                 str(tiny_weights)], errors=(export.ExportError,))
+    err = capsys.readouterr().err
+    assert code == 1 and "ONNX Runtime disagrees with PyTorch" in err and "not written" in err
+    assert not out.exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_every_class_of_a_separated_run(synthetic_data, tiny_weights, tmp_path):
+    run_script("train_sep.py", tiny_run_args(synthetic_data, tiny_weights, tmp_path, total_iters=4, warmup_iters=1))
+    run = tmp_path / "run"
+    assert export.checkpoints_to_export(run, "stripes") == [run / "stripes" / "checkpoint.pth"]
+    result = run_script("export.py", ["--checkpoint", run, "--out", tmp_path / "models", "--encoder_weights",
+                                      tiny_weights])
+    assert result.stdout.count("parity on 4 test images") == 2
+    for name in ("checker", "stripes"):
+        meta = ort.InferenceSession(str(tmp_path / "models" / f"{name}.onnx")).get_modelmeta().custom_metadata_map
+        assert json.loads(meta["dinomaly.classes"]) == [name] and name in json.loads(meta["dinomaly.image_thresholds"])
+
+
+def test_mistakes_on_the_export_and_scoring_paths_are_one_line(exported, trained_run, tiny_weights, synthetic_data,
+                                                               tmp_path, capsys):
+    import evaluate
+    import predict
+    from test_usability import assert_one_line_error, run_in_process
+    not_onnx = tmp_path / "not.onnx"
+    not_onnx.write_text("text")
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    images = synthetic_data / "checker" / "test" / "good"
+    cases = [(["--model", tmp_path / "none.onnx", "--images", images, "--out", tmp_path / "o"], "none.onnx"),
+             (["--model", not_onnx, "--images", images, "--out", tmp_path / "o"], str(not_onnx)),
+             (["--model", exported, "--images", tmp_path / "no_images", "--out", tmp_path / "o"], "no_images"),
+             (["--model", exported, "--images", images, "--out", taken], f"{taken} is a file"),
+             (["--model", exported, "--images", images, "--threshold", "f1", "--out", tmp_path / "o"], "--class_name")]
+    for args, culprit in cases:
+        assert_one_line_error(run_without_torch("predict_onnx.py", args), culprit)
+    no_runtime = run_without_torch("predict_onnx.py", cases[0][0], blocked_extra=("onnxruntime",))
+    assert_one_line_error(no_runtime, "pip install -r requirements-onnx.txt")
+
+    for args, culprit in (
+            (["--checkpoint", trained_run, "--out", tmp_path / "model.txt"], "ending in .onnx"),
+            (["--checkpoint", tmp_path / "nothing", "--out", tmp_path / "m.onnx"], str(tmp_path / "nothing")),
+            (["--checkpoint", trained_run, "--out", taken / "m.onnx"], f"{taken} is a file"),
+            (["--checkpoint", trained_run, "--out", tmp_path / "m.onnx", "--encoder_weights", not_onnx], str(not_onnx))):
+        assert_one_line_error(run_in_process(export, args, capsys), culprit)
+    assert not (tmp_path / "m.onnx").exists()
+    for script, args in ((predict, ["--checkpoint", trained_run, "--images", images, "--out", taken]),
+                         (evaluate, ["--checkpoint", trained_run, "--out", taken / "eval"])):
+        assert_one_line_error(run_in_process(script, args + ["--encoder_weights", tiny_weights], capsys),
+                              f"{taken} is a file")
