@@ -210,9 +210,9 @@ def main(argv: list[str]) -> None:
         cfg = validate({**checkpoint["config"], **collect_overrides(args, EXPORT_KEYS)}, f"config saved in {path}")
         check_encoder_weights(cfg["encoder"], cfg["encoder_weights"], cfg["weights_dir"])
         jobs.append((checkpoint, cfg, out if len(paths) == 1 else out / f"{path.parent.name}.onnx"))
-    torch.set_grad_enabled(False)
-    for checkpoint, cfg, target in jobs:
-        export_one(checkpoint, cfg, target, args.images)
+    with torch.no_grad():
+        for checkpoint, cfg, target in jobs:
+            export_one(checkpoint, cfg, target, args.images)
 
 
 if __name__ == "__main__":

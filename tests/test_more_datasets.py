@@ -196,7 +196,7 @@ def test_one_command_per_dataset(visa_download, realiad_root, tiny_weights, tmp_
 ])
 def test_configs_hold_each_settings_recipe(name, expected):
     cfg = validate(load_config(ROOT / "configs" / f"{name}.yaml"))
-    mvtec = load_config(ROOT / "configs" / "mvtec_uni.yaml")
+    mvtec = validate(load_config(ROOT / "configs" / "mvtec_uni.yaml"))
     for key, value in expected.items():
         assert cfg[key] == value, key
     same = {k for k in mvtec if k not in ("dataset", "data_path", "total_iters", "dropout", "eps", "eval_every")}
