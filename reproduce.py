@@ -159,7 +159,8 @@ def plot_table(chart: list, title: str, path: Path) -> None:
         ax.bar([x + 0.2 for x in xs], [ours[metric] if ours else 0 for _, ours, _ in chart], 0.4, label="ours")
         values = [v for _, ours, paper in chart for v in ([paper[index]] + ([ours[metric]] if ours else []))
                   if v is not None]
-        ax.set_ylim(min(values) - 2, max(values) + 1)
+        if values:
+            ax.set_ylim(min(values) - 2, max(values) + 1)
         ax.set_xticks(list(xs), [name for name, _, _ in chart], rotation=45, ha="right", fontsize=7)
         ax.set_title(metric)
         ax.legend(fontsize=8)

@@ -11,7 +11,7 @@ results.csv / results.md with one row per class and the mean, plus results_per_d
 import sys
 
 from datasets import count_lines, dataset_classes, load_data
-from train_uni import train
+from train_uni import save_shot_list, train
 from utils.checkpoint import finished_result, previous_checkpoint
 from utils.distributed import barrier, is_main
 from utils.evaluation import EvaluationResult, write_tables
@@ -22,6 +22,8 @@ def main(argv: list[str]) -> None:
     cfg, args, device, notes = start(argv, "mvtec_sep.yaml", __doc__)
     data = {name: load_data(cfg, [name]) for name in dataset_classes(cfg)}
     run_dir, log = open_run(cfg, args, device, notes)
+    save_shot_list(cfg, run_dir, {name: images for train_set, _ in data.values()
+                                  for name, images in train_set.images_by_class().items()}, log)
     barrier()
     combined = EvaluationResult(rows={}, defects=[], images=0, seconds=0.0)
     for i, (name, (train_set, test_sets)) in enumerate(data.items()):

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from datasets import DatasetLayoutError, TestSet, TrainSet, count_lines, dataset_classes, load_data
 from datasets.caches import FeatureCache, attach_image_cache
+from datasets.fewshot import SHOT_LIST, write_shot_list
 from datasets.sampler import StepBatchSampler
 from models import Dinomaly, build_model
 from utils.checkpoint import (TrainState, finished_result, previous_checkpoint, restore_training, rollback,
@@ -38,7 +39,7 @@ from utils.distributed import barrier, is_main, mean_over_ranks, rank, world_siz
 from utils.evaluation import EvaluationResult, evaluate, paper_per_class
 from utils.guard import TrainingGuard
 from utils.loss import global_cosine_hm, hard_mining_p
-from utils.optim import StableAdamW, lr_at, warmup_cosine_schedule
+from utils.optim import GroupSchedule, StableAdamW
 from utils.rng import seed_everything, seed_this_rank
 from utils.run_setup import RunLog, finish, open_run, run_cli, start
 from utils.signals import StopRequest
@@ -46,17 +47,30 @@ from utils.signals import StopRequest
 LOG_EVERY = 100  # steps between loss lines in log.txt
 
 
+def base_learning_rates(cfg: dict) -> list[float]:
+    """The base rate of each parameter group: `lr`, or with bottleneck_first_lr first that one (the
+    two-stage bottleneck's first layer), then `lr` for everything else."""
+    return [cfg["lr"]] if cfg["bottleneck_first_lr"] is None else [cfg["bottleneck_first_lr"], cfg["lr"]]
+
+
 def build_optimizer(model: Dinomaly, cfg: dict) -> StableAdamW:
-    return StableAdamW(model.trainable_parameters(), lr=cfg["lr"], betas=cfg["betas"], eps=cfg["eps"],
-                       weight_decay=cfg["weight_decay"], amsgrad=True)
+    """The parameter groups of base_learning_rates; their rates are set at every step (GroupSchedule)."""
+    groups = [{"params": model.trainable_parameters()}]
+    if cfg["bottleneck_first_lr"] is not None:
+        first = list(model.bottleneck.reduce.parameters())
+        rest = [p for p in model.trainable_parameters() if all(p is not q for q in first)]
+        groups = [{"params": first, "lr": cfg["bottleneck_first_lr"]}, {"params": rest}]
+    return StableAdamW(groups, lr=cfg["lr"], betas=cfg["betas"], eps=cfg["eps"], weight_decay=cfg["weight_decay"],
+                       amsgrad=cfg["amsgrad"])
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs, it: int, lr: float, cfg: dict,
-               scaler: Optional[torch.amp.GradScaler] = None) -> tuple[float, bool, float]:
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs, it: int, lrs: list[float],
+               cfg: dict, scaler: Optional[torch.amp.GradScaler] = None) -> tuple[float, bool, float]:
     """One optimisation step of the recipe at iteration `it` on images (or their cached encoder
-    features). Returns the loss (averaged over processes), whether loss and gradients were finite (a
-    non-finite step changes no weight) and the gradient norm before clipping."""
-    for group in optimizer.param_groups:
+    features), each parameter group at its rate of `lrs`. Returns the loss (averaged over processes),
+    whether loss and gradients were finite (a non-finite step changes no weight) and the gradient norm
+    before clipping."""
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     with autocast(next(model.parameters()).device, cfg["precision"]):
         en, de = model(inputs)
@@ -134,7 +148,7 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
     class_ids = [i for _, i in train_set.samples] if cfg["sampler"] == "class_balanced" else None
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
-    schedule = warmup_cosine_schedule(cfg["lr"], cfg["final_lr"], total, cfg["warmup_iters"])
+    schedule = GroupSchedule(cfg, base_learning_rates(cfg))
     guard = TrainingGuard(cfg["max_bad_steps"], cfg["spike_factor"])
     progress = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True, disable=not is_main())
     curves = Curves(run_dir, state.step, enabled=is_main())
@@ -145,9 +159,10 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
         with StopRequest() as stop:
             while state.step < total:
                 for inputs, indices in train_loader(data, class_ids, cfg, state, device):
-                    lr = lr_at(schedule, state.step, cfg["final_lr"])
+                    lrs = schedule(state.step)
+                    lr = lrs[-1]  # the decoder's, logged
                     easy_share = hard_mining_p(state.step, cfg["hm_p_final"], cfg["hm_ramp_iters"])
-                    loss, finite, grad_norm = train_step(net, optimizer, to_device(inputs, device), state.step, lr,
+                    loss, finite, grad_norm = train_step(net, optimizer, to_device(inputs, device), state.step, lrs,
                                                          cfg, scaler)
                     verdict = guard.check(loss, finite)
                     if verdict != "ok":
@@ -206,6 +221,13 @@ def run_root(run_dir: Path, classes: list[str]) -> Path:
     return run_dir.parent if run_dir.name in classes else run_dir
 
 
+def save_shot_list(cfg: dict, run_dir: Path, images: dict[str, list[Path]], log: RunLog) -> None:
+    """A few-shot run writes the training images it drew (reuse them with --shot_list)."""
+    if (cfg["shots"] or cfg["shot_list"]) and is_main():
+        write_shot_list(run_dir / SHOT_LIST, images)
+        log(f"few-shot: {sum(map(len, images.values()))} training images, listed in {run_dir / SHOT_LIST}")
+
+
 def cache_dir(cfg: dict) -> Path:
     return Path(cfg["cache_dir"] or Path(cfg["output_dir"]) / "cache")
 
@@ -214,6 +236,7 @@ def main(argv: list[str]) -> None:
     cfg, args, device, notes = start(argv, "mvtec_uni.yaml", __doc__)
     train_set, test_sets = load_data(cfg, dataset_classes(cfg))
     run_dir, log = open_run(cfg, args, device, notes)
+    save_shot_list(cfg, run_dir, train_set.images_by_class(), log)
     barrier()
     for line in count_lines(train_set, test_sets):
         log(line)

@@ -58,7 +58,7 @@ def measure(cfg: dict, mode: str, steps: int, warmup: int) -> dict:
     times = []
     for it in range(warmup + steps):
         start = time.perf_counter()
-        train_step(model, optimizer, inputs, it + 1000, cfg["lr"], cfg)  # past the ramp: p = 0.9
+        train_step(model, optimizer, inputs, it + 1000, [g["lr"] for g in optimizer.param_groups], cfg)  # past the ramp: p = 0.9
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)

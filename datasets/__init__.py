@@ -4,6 +4,7 @@ from pathlib import Path
 
 from models import input_normalization
 from . import folder, realiad
+from .fewshot import choose_shots, read_shot_list
 from .folder import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image
 
 CLASSES = {
@@ -38,7 +39,11 @@ def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
         images = {name: realiad.train_images(root, name, cfg["realiad_split"]) for name in class_names}
     else:
         images = {name: folder.train_images(root, name) for name in class_names}
-    return TrainSet(images, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg))
+    if cfg["shot_list"]:
+        images = read_shot_list(Path(cfg["shot_list"]), class_names)
+    elif cfg["shots"]:
+        images = choose_shots(images, cfg["shots"], cfg["seed"])
+    return TrainSet(images, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), cfg["train_augment"])
 
 
 def build_test_set(cfg: dict, class_name: str) -> TestSet:

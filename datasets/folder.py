@@ -19,7 +19,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .transforms import image_transform, mask_transform
+from torchvision import transforms as T
+
+from .transforms import image_transform, mask_transform, strong_transform
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EXPECTED_TREE = """expected layout:
@@ -152,19 +154,26 @@ class TrainSet(Dataset):
     """Normal training images of several classes, concatenated; items are (image, sample index)."""
 
     def __init__(self, images_by_class: dict[str, list[Path]], image_size: int, crop_size: int,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], augment: str = "none"):
         self.class_names = list(images_by_class)
         self.samples = [(path, i) for i, name in enumerate(self.class_names) for path in images_by_class[name]]
-        self.transform = image_transform(image_size, crop_size, mean, std)
+        self.augment = augment
+        self.transform = (strong_transform if augment == "strong" else image_transform)(image_size, crop_size,
+                                                                                         mean, std)
         self.cache = None
 
     def use_cache(self, cache) -> None:
-        """Read resized uint8 pixels from `cache` (N x S x S x 3) instead of decoding files."""
+        """Read resized uint8 pixels from `cache` (N x S x S x 3) instead of decoding files (the strong
+        augmentation's PIL operations get them back as the PIL image they came from)."""
         self.cache = cache
-        self.transform = self.transform.__class__(self.transform.transforms[1:])  # drop the Resize
+        rest = self.transform.transforms[1:]  # drop the Resize
+        self.transform = self.transform.__class__(([T.ToPILImage()] if self.augment == "strong" else []) + rest)
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def images_by_class(self) -> dict[str, list[Path]]:
+        return {name: [path for path, c in self.samples if c == i] for i, name in enumerate(self.class_names)}
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if self.cache is not None:

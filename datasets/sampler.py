@@ -14,20 +14,19 @@ class StepBatchSampler(Sampler[list[int]]):
 
     Each epoch is a fresh permutation seeded by (seed, epoch) with the last incomplete batch dropped,
     i.e. uniform sampling over the concatenated images, as the reference's shuffled DataLoader. With
-    `class_ids`, an epoch instead draws the same number of images with every class equally likely.
+    fewer images than a batch (few-shot runs), an epoch is one batch cut from as many permutations,
+    one after the other, as it takes to fill it. With `class_ids`, an epoch instead draws the same
+    number of images with every class equally likely.
     `rank`/`world_size` keep this process's contiguous share of each global batch.
     """
 
     def __init__(self, num_samples: int, batch_size: int, total_steps: int, seed: int, start_step: int = 0,
                  class_ids: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1):
-        if num_samples < batch_size:
-            raise ValueError(f"only {num_samples} training images for a batch of {batch_size}; "
-                             f"lower --batch_size or add images")
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.steps_per_epoch = num_samples // batch_size
+        self.steps_per_epoch = max(1, num_samples // batch_size)
         self.total_steps = total_steps
         self.seed = seed
         self.start_step = start_step
@@ -42,7 +41,8 @@ class StepBatchSampler(Sampler[list[int]]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         count = self.steps_per_epoch * self.batch_size
         if self.weights is None:
-            order = torch.randperm(self.num_samples, generator=generator)[:count]
+            draws = -(-count // self.num_samples)  # 1 unless the images do not fill a batch
+            order = torch.cat([torch.randperm(self.num_samples, generator=generator) for _ in range(draws)])[:count]
         else:
             order = torch.multinomial(self.weights, count, replacement=True, generator=generator)
         return order.view(self.steps_per_epoch, self.batch_size)

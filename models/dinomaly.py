@@ -3,7 +3,8 @@
 The decoder reconstructs two groups of encoder layers; the cosine distance between the encoder's and
 the decoder's group features is the anomaly map. The paper's variants are switches of this file, off
 in the recipe: feature jitter in the bottleneck, softmax attention or a ConvBlock as the decoder's
-spatial mixer, and UniAD's neighbour mask for either attention.
+spatial mixer, and UniAD's neighbour mask for either attention. So are Dinomaly2's model changes
+(RECIPE_V2): Context-Aware Recentering of the encoder targets and the two-stage bottleneck.
 """
 import math
 from functools import partial
@@ -29,6 +30,24 @@ class FeatureJitter(nn.Module):
         if not self.training:
             return x
         return x + torch.randn_like(x) * (x.norm(dim=-1, keepdim=True) / x.shape[-1]) * self.scale
+
+
+class TwoStageBottleneck(nn.Module):
+    """Dinomaly2's bottleneck: C -> width, dropout (`reduce`, which can train at its own rate); then
+    width -> 4C, GELU, dropout, 4C -> C, dropout. No activation after the first layer, no input dropout."""
+
+    def __init__(self, dim: int, width: int, dropout: float, jitter: float):
+        super().__init__()
+        self.jitter = FeatureJitter(jitter) if jitter > 0 else nn.Identity()
+        self.reduce = nn.Linear(dim, width)
+        self.fc1 = nn.Linear(width, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.reduce(self.jitter(x)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class NoisyBottleneck(nn.Module):
@@ -156,7 +175,8 @@ class Dinomaly(nn.Module):
     def __init__(self, encoder: Encoder, *, target_layers: Sequence[int],
                  fuse_layer_encoder: Sequence[Sequence[int]], fuse_layer_decoder: Sequence[Sequence[int]],
                  decoder_depth: int, dropout: float, attention: str, attn_eps: float, feature_jitter: float,
-                 neighbor_mask: int, conv_kernel: int, fuse_mode: str):
+                 neighbor_mask: int, conv_kernel: int, fuse_mode: str, recenter: bool,
+                 bottleneck: str, bottleneck_width: int):
         super().__init__()
         if sorted(target_layers) != list(target_layers) or target_layers[-1] >= len(encoder.blocks):
             raise ValueError(f"target_layers {list(target_layers)} must be increasing block indices "
@@ -169,6 +189,9 @@ class Dinomaly(nn.Module):
             raise ValueError("fuse_layer_encoder and fuse_layer_decoder must have the same number of groups")
         if fuse_mode == "concat" and len(fuse_layer_encoder) != 1:
             raise ValueError("fuse_mode concat (layer-to-cat-layer) takes one group of encoder layers")
+        if recenter and fuse_mode == "concat":
+            raise ValueError("recenter works on averaged groups (fuse_mode mean), not on fuse_mode concat")
+        self.recenter = recenter
         self.encoder = encoder.requires_grad_(False).eval()
         self.target_layers = list(target_layers)
         self.fuse_layer_encoder = [list(g) for g in fuse_layer_encoder]
@@ -180,7 +203,8 @@ class Dinomaly(nn.Module):
         # the conv mixer needs a square grid of patch tokens: class and register tokens never reach the decoder
         self.decoder_prefix = 0 if attention == "conv" else encoder.num_prefix_tokens
         self.fuse_mode = fuse_mode
-        self.bottleneck = NoisyBottleneck(dim, dropout, feature_jitter)
+        self.bottleneck = (TwoStageBottleneck(dim, bottleneck_width, dropout, feature_jitter) if bottleneck == "two_stage"
+                           else NoisyBottleneck(dim, dropout, feature_jitter))
         # layer-to-cat-layer (Table 5): the last decoder block, widened to the concatenated encoder layers
         self.projection = (nn.Linear(dim, dim * len(fuse_layer_encoder[0])) if fuse_mode == "concat"
                            else nn.Identity())
@@ -198,7 +222,8 @@ class Dinomaly(nn.Module):
                    fuse_layer_decoder=cfg["fuse_layer_decoder"], decoder_depth=cfg["decoder_depth"],
                    dropout=cfg["dropout"], attention=cfg["attention"], attn_eps=cfg["attn_eps"],
                    feature_jitter=cfg["feature_jitter"], neighbor_mask=cfg["neighbor_mask"],
-                   conv_kernel=cfg["conv_kernel"], fuse_mode=cfg["fuse_mode"])
+                   conv_kernel=cfg["conv_kernel"], fuse_mode=cfg["fuse_mode"], recenter=cfg["recenter"],
+                   bottleneck=cfg["bottleneck"], bottleneck_width=cfg["bottleneck_width"])
 
     def train(self, mode: bool = True) -> "Dinomaly":
         super().train(mode)
@@ -226,8 +251,16 @@ class Dinomaly(nn.Module):
             if i in self.target_layers:
                 layers.append(x)
         grid = (images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size)
-        groups = [self._to_map(self._fuse([layers[i] for i in group]), grid) for group in self.fuse_layer_encoder]
-        return _mean(layers), groups
+        groups = [self._target(self._fuse([layers[i] for i in group])) for group in self.fuse_layer_encoder]
+        return _mean(layers), [self._to_map(g, grid, 0) for g in groups]
+
+    def _target(self, group: torch.Tensor) -> torch.Tensor:
+        """A group's patch tokens; with `recenter` (Dinomaly2's Context-Aware Recentering) minus the group's
+        class token, then a LayerNorm over channels without affine, eps 1e-8."""
+        patches = group[:, self.encoder.num_prefix_tokens:]
+        if not self.recenter:
+            return patches
+        return F.layer_norm(patches - group[:, :1], patches.shape[-1:], eps=1e-8)
 
     def _fuse(self, layers: list[torch.Tensor]) -> torch.Tensor:
         """A group of layers as one target: their mean (the recipe) or, concat, side by side in channels."""

@@ -173,7 +173,7 @@ def test_nan_images_change_no_weight(tiny_weights):
     model = train_uni.build_model(cfg).train()
     optimizer = train_uni.build_optimizer(model, cfg)
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
-    loss, finite, _ = train_uni.train_step(model, optimizer, torch.full((2, 3, 56, 56), float("nan")), 5, 1e-3, cfg)
+    loss, finite, _ = train_uni.train_step(model, optimizer, torch.full((2, 3, 56, 56), float("nan")), 5, [1e-3], cfg)
     assert not finite and loss != loss
     assert all(torch.equal(before[k], v) for k, v in model.trainable_state_dict().items())
     assert not optimizer.state

@@ -49,7 +49,7 @@ def _infer_type(key: str, value: Any) -> Any:
 
 
 AUTO = "auto"  # a value resolved from the encoder when the config is validated
-NULL_DEFAULT_TYPES = {"classes": Optional[list[str]]}
+NULL_DEFAULT_TYPES = {"classes": Optional[list[str]], "bottleneck_first_lr": Optional[float]}
 TYPE_OVERRIDES = {"target_layers": Union[list[int], str]}  # a list, or AUTO
 DEFAULTS: dict[str, Any] = load_yaml(BASE_CONFIG)
 SCHEMA: dict[str, Any] = {key: TYPE_OVERRIDES.get(key) or _infer_type(key, value) for key, value in DEFAULTS.items()}
@@ -61,15 +61,19 @@ CHOICES = {
     "check_images": ("full", "header"),
     "input_norm": ("imagenet", "encoder"),
     "fuse_mode": ("mean", "concat"),
+    "bottleneck": ("mlp", "two_stage"),
+    "lr_schedule": ("v1", "v2"),
+    "train_augment": ("none", "strong"),
     "realiad_split": ("mv", "sv"),
     "precision": ("fp32", "bf16", "fp16"),
     "image_cache": ("none", "memory", "disk"),
     "cache_features": ("none", "memory", "disk"),
 }
 POSITIVE = ("image_size", "crop_size", "batch_size", "decoder_depth", "total_iters", "lr", "conv_kernel",
+            "bottleneck_width", "bottleneck_first_lr",
             "aupro_thresholds", "map_size", "grad_clip", "max_bad_steps")
 NON_NEGATIVE = ("num_workers", "warmup_iters", "final_lr", "weight_decay", "eps", "hm_factor", "hm_ramp_iters",
-                "eval_every", "attn_eps", "feature_jitter", "neighbor_mask", "max_ratio", "map_sigma", "ckpt_every",
+                "eval_every", "attn_eps", "feature_jitter", "neighbor_mask", "max_ratio", "map_sigma", "ckpt_every", "shots",
                 "spike_factor")
 UNIT_INTERVAL = ("dropout", "hm_p_final", "gt_threshold", "aupro_fpr_limit")
 
@@ -124,7 +128,7 @@ def _check(cfg: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be a list or '{AUTO}', got '{value}'")
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{source}: '{key}' must be one of {', '.join(CHOICES[key])}, got '{value}'")
-        if key in POSITIVE and value <= 0:
+        if key in POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"{source}: '{key}' must be > 0, got {value}")
         if key in NON_NEGATIVE and value < 0:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {value}")
@@ -155,6 +159,12 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
                           f"'{cfg['encoder']}', got {cfg['crop_size']}{hint}")
     if cfg["target_layers"] == AUTO:
         cfg["target_layers"] = default_target_layers(ENCODERS[cfg["encoder"]].depth)
+    for key, needs, why in (("bottleneck_first_lr", cfg["bottleneck"] == "two_stage", "needs --bottleneck two_stage"),
+                            ("recenter", cfg["fuse_mode"] == "mean", "needs fuse_mode mean"),
+                            ("train_augment", cfg["cache_features"] == "none", "strong changes the features at "
+                                                                              "every step: use cache_features none")):
+        if cfg[key] not in (None, False, "none") and not needs:
+            raise ConfigError(f"{source}: {key} {cfg[key]!r} {why}")
     if cfg["warmup_iters"] >= cfg["total_iters"]:
         raise ConfigError(f"{source}: warmup_iters ({cfg['warmup_iters']}) must be below total_iters "
                           f"({cfg['total_iters']})")

@@ -1,4 +1,4 @@
-"""StableAdamW and the warmup-cosine learning-rate schedule of the recipe."""
+"""StableAdamW and the warmup-cosine learning-rate schedules: the recipe's (v1) and Dinomaly2's (v2)."""
 import math
 from typing import Iterable
 
@@ -63,3 +63,31 @@ def warmup_cosine_schedule(base_lr: float, final_lr: float, total_iters: int, wa
 
 def lr_at(schedule: np.ndarray, it: int, final_lr: float) -> float:
     return float(schedule[it]) if it < len(schedule) else final_lr
+
+
+def warmup_cosine_v2(base_lr: float, ratio: float, it: int, total_iters: int, warmup_iters: int) -> float:
+    """Dinomaly2's WarmupCosineScheduler at step `it` (steps done): base * it / W over the warm-up (step W-1
+    is just below base, unlike v1's linspace), then a cosine from base to base * ratio; past the end
+    base * ratio. Dinomaly2 uses ratio 1: a constant rate after the warm-up."""
+    if it < warmup_iters:
+        return base_lr * it / warmup_iters
+    progress = min(it - warmup_iters, total_iters - warmup_iters) / (total_iters - warmup_iters)
+    return base_lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class GroupSchedule:
+    """Every parameter group's learning rate at a step, each following the schedule of its own base rate
+    `bases[i]` (the recipe has one group, at `lr`). v1: the recipe's schedule of lr -> final_lr, scaled by
+    base / lr; v2: warmup_cosine_v2 of each base with the ratio final_lr / lr."""
+
+    def __init__(self, cfg: dict, bases: list[float]):
+        self.cfg, self.bases = cfg, bases
+        self.v1 = warmup_cosine_schedule(cfg["lr"], cfg["final_lr"], cfg["total_iters"], cfg["warmup_iters"])
+
+    def __call__(self, it: int) -> list[float]:
+        cfg = self.cfg
+        if cfg["lr_schedule"] == "v2":
+            return [warmup_cosine_v2(base, cfg["final_lr"] / cfg["lr"], it, cfg["total_iters"], cfg["warmup_iters"])
+                    for base in self.bases]
+        lr = lr_at(self.v1, it, cfg["final_lr"])
+        return [lr if base == cfg["lr"] else lr * base / cfg["lr"] for base in self.bases]
