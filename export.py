@@ -34,7 +34,7 @@ from datasets import DatasetLayoutError, load_image
 from datasets.transforms import resize_and_crop
 from models import input_normalization
 from models.registry import check_encoder_weights
-from predict import find_images
+from predict_onnx import find_images
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, add_config_flags, collect_overrides, dump, parse_known, validate
 from utils.evaluation import predict_maps
@@ -48,6 +48,9 @@ OPSET = 18
 
 class ExportError(RuntimeError):
     """An export that cannot be written: a missing package, or ONNX Runtime disagreeing with PyTorch."""
+
+
+SCRIPT_ERRORS = (ExportError,)  # this script's own user mistakes, beside utils.run_setup.USER_ERRORS
 
 
 def onnx_packages():
@@ -216,4 +219,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, sys.argv[1:], errors=(ExportError,)))
+    sys.exit(run_cli(main, sys.argv[1:], SCRIPT_ERRORS))

@@ -15,59 +15,31 @@ from typing import Optional
 
 import torch
 
-from datasets import IMG_EXTENSIONS, DatasetLayoutError, load_image
+from datasets import DatasetLayoutError, load_image
 from datasets.transforms import image_transform
 from models import input_normalization
+from predict_onnx import UserError, find_images, output_name, pick_colour_scale, pick_threshold
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.config import ConfigError, add_config_flags, collect_overrides, parse_known, validate
+from utils.config import add_config_flags, collect_overrides, parse_known, validate
 from utils.evaluation import predict_maps
 from utils.device import resolve_device
 from utils.run_setup import output_folder, run_cli
 from utils.visualize import save_panel, to_display_image
 
+SCRIPT_ERRORS = (UserError,)  # this script's own user mistakes, beside utils.run_setup.USER_ERRORS
 PREDICT_KEYS = ("device", "batch_size", "encoder_weights", "weights_dir", "max_ratio")
-
-
-def find_images(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-    if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {path}")
-    return images
 
 
 def resolve_threshold(value: Optional[str], class_name: Optional[str], checkpoint: dict) -> Optional[float]:
     """None, a number, or 'f1': the image F1-max threshold the checkpoint stored for `class_name`."""
-    if value is None:
-        return None
-    if value != "f1":
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"--threshold must be a number or 'f1', got '{value}'") from None
     results = checkpoint.get("results") or {}
-    if class_name is None and len(results) == 1:
-        class_name = next(iter(results))
-    if class_name not in results:
-        raise ConfigError(f"--threshold f1 needs --class_name, one of: {', '.join(results) or '(none stored)'}")
-    return results[class_name]["image_threshold"]
+    return pick_threshold(value, class_name, {name: row["image_threshold"] for name, row in results.items()})
 
 
 def colour_scale(checkpoint: dict, class_name: Optional[str]) -> Optional[tuple[float, float]]:
     """Heatmap range seen on the test set of the class (or of all classes) at the last evaluation."""
     results = checkpoint.get("results") or {}
-    rows = [results[class_name]] if class_name in results else list(results.values())
-    if not rows:
-        return None
-    return min(r["map_min"] for r in rows), max(r["map_max"] for r in rows)
-
-
-def output_name(path: Path, root: Path) -> str:
-    relative = path.relative_to(root) if root.is_dir() else Path(path.name)
-    return "__".join(relative.with_suffix("").parts) + ".png"
+    return pick_colour_scale(class_name, {name: (row["map_min"], row["map_max"]) for name, row in results.items()})
 
 
 def main(argv: list[str]) -> int:
@@ -132,4 +104,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, sys.argv[1:]))
+    sys.exit(run_cli(main, sys.argv[1:], SCRIPT_ERRORS))

@@ -28,8 +28,8 @@ IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # as the re
 PRECISION_BITS = 32 - 8 - 2  # PIL's fixed-point precision for 8-bit images
 
 
-class UserError(Exception):
-    """A mistake in what the user handed us: reported as one line."""
+class UserError(ValueError):
+    """A mistake in what the user handed us: reported as one line (predict.py reports it the same way)."""
 
 
 def pil_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,13 +96,14 @@ def preprocess(image: np.ndarray, image_size: int, crop_size: int) -> np.ndarray
 
 
 def find_images(path: Path) -> list[Path]:
+    """The image itself, or every image under the folder (sorted, recursively)."""
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise UserError(f"no such file or folder: {path}")
+        raise FileNotFoundError(f"no such file or folder: {path}")
     images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
     if not images:
-        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {path}")
+        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {path}")
     return images
 
 
@@ -154,25 +155,29 @@ class ExportedModel:
         maps, scores = self.session.run(None, {"images": batch})
         return maps, scores
 
-    def threshold(self, value: Optional[str], class_name: Optional[str]) -> Optional[float]:
-        """None, a number, or 'f1': the image F1-max threshold stored for `class_name`."""
-        if value is None:
-            return None
-        if value != "f1":
-            try:
-                return float(value)
-            except ValueError:
-                raise UserError(f"--threshold must be a number or 'f1', got '{value}'") from None
-        if class_name is None and len(self.thresholds) == 1:
-            class_name = next(iter(self.thresholds))
-        if class_name not in self.thresholds:
-            raise UserError(f"--threshold f1 needs --class_name, one of: {', '.join(self.thresholds) or '(none)'}")
-        return self.thresholds[class_name]
 
-    def colour_scale(self, class_name: Optional[str]) -> Optional[tuple[float, float]]:
-        """The maps' range on the test set of the class (or of all classes) at the run's last evaluation."""
-        scales = [self.colour_scales[class_name]] if class_name in self.colour_scales else list(self.colour_scales.values())
-        return (min(s[0] for s in scales), max(s[1] for s in scales)) if scales else None
+
+def pick_threshold(value: Optional[str], class_name: Optional[str], thresholds: dict[str, float]) -> Optional[float]:
+    """None, a number, or 'f1': the image F1-max threshold stored for `class_name` (the only class when
+    there is one). predict.py decides the same way."""
+    if value is None:
+        return None
+    if value != "f1":
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"--threshold must be a number or 'f1', got '{value}'") from None
+    if class_name is None and len(thresholds) == 1:
+        class_name = next(iter(thresholds))
+    if class_name not in thresholds:
+        raise UserError(f"--threshold f1 needs --class_name, one of: {', '.join(thresholds) or '(none stored)'}")
+    return thresholds[class_name]
+
+
+def pick_colour_scale(class_name: Optional[str], scales: dict[str, tuple[float, float]]) -> Optional[tuple[float, float]]:
+    """The maps' range on the test set of the class (or of all classes) at the run's last evaluation."""
+    chosen = [scales[class_name]] if class_name in scales else list(scales.values())
+    return (min(s[0] for s in chosen), max(s[1] for s in chosen)) if chosen else None
 
 
 def output_folder(path: Path) -> Path:
@@ -197,12 +202,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     model = ExportedModel(Path(args.model))
-    threshold = model.threshold(args.threshold, args.class_name)
+    threshold = pick_threshold(args.threshold, args.class_name, model.thresholds)
     root = Path(args.images)
     paths = find_images(root)
     out = output_folder(Path(args.out))
     out.mkdir(parents=True, exist_ok=True)
-    scale = model.colour_scale(args.class_name)
+    scale = pick_colour_scale(args.class_name, model.colour_scales)
 
     rows, failed = [], []
     for start in range(0, len(paths), args.batch_size):
@@ -245,6 +250,6 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except UserError as error:
+    except (UserError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

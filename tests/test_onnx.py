@@ -108,6 +108,11 @@ def test_non_square_resizes_are_within_one_grey_level():
     assert np.abs(predict_onnx.pil_resize(image, 256).astype(int) - reference).max() <= 1
 
 
+def test_the_scorer_finds_the_images_our_datasets_read():
+    from datasets import IMG_EXTENSIONS
+    assert predict_onnx.IMG_EXTENSIONS == IMG_EXTENSIONS
+
+
 def test_centre_crop_rounds_as_torchvision():
     from torchvision.transforms import CenterCrop
     image = np.arange(9 * 7 * 3, dtype=np.uint8).reshape(9, 7, 3)
@@ -128,7 +133,7 @@ def test_a_graph_that_disagrees_is_not_written(trained_run, tiny_weights, tmp_pa
     out = tmp_path / "bad.onnx"
     from utils.run_setup import run_cli
     code = run_cli(export.main, ["--checkpoint", str(trained_run), "--out", str(out), "--encoder_weights",
-                                 str(tiny_weights)], errors=(export.ExportError,))
+                                 str(tiny_weights)], export.SCRIPT_ERRORS)
     err = capsys.readouterr().err
     assert code == 1 and "ONNX Runtime disagrees with PyTorch" in err and "not written" in err
     assert not out.exists() and not list(tmp_path.glob("*.part"))

@@ -53,7 +53,7 @@ def run_in_process(script, argv: list, capsys) -> subprocess.CompletedProcess:
     """A script's main through the same run_cli as its __main__ (any other exception, a traceback,
     fails the test), without starting a Python per case."""
     try:
-        code = run_cli(script.main, [str(a) for a in argv])
+        code = run_cli(script.main, [str(a) for a in argv], getattr(script, "SCRIPT_ERRORS", ()))
     except SystemExit as exit_:
         code = exit_.code
     out, err = capsys.readouterr()
