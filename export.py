@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from datasets import DatasetLayoutError, load_image
+from datasets import load_image
 from datasets.transforms import resize_and_crop
 from models import input_normalization
 from models.registry import check_encoder_weights

@@ -8,7 +8,6 @@ Writes <out>/scores.csv (file, score[, anomalous]) and <out>/heatmaps/*.png (ima
 that cannot be read are listed; if no image could be processed the exit status is non-zero.
 """
 import argparse
-import csv
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,7 @@ import torch
 from datasets import DatasetLayoutError, load_image
 from datasets.transforms import image_transform
 from models import input_normalization
-from predict_onnx import UserError, find_images, output_name, pick_colour_scale, pick_threshold
+from predict_onnx import UserError, find_images, output_name, pick_colour_scale, pick_threshold, write_scores
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import add_config_flags, collect_overrides, parse_known, validate
 from utils.evaluation import predict_maps
@@ -89,18 +88,7 @@ def main(argv: list[str]) -> int:
                 save_panel(out / "heatmaps" / output_name(path, root), display,
                            amap, vmin, vmax, title=f"{path.name}  score {score:.4f}{verdict}")
 
-    with open(out / "scores.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "score"] + ([] if threshold is None else ["anomalous"]))
-        for path, score in rows:
-            writer.writerow([str(path), f"{score:.6f}"] + ([] if threshold is None else [int(score >= threshold)]))
-    for path, reason in failed:
-        print(f"could not read {path}: {reason}", file=sys.stderr)
-    summary = f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}"
-    if threshold is not None:
-        summary += f"; threshold {threshold:.6f}: {sum(s >= threshold for _, s in rows)} anomalous"
-    print(summary)
-    return 0 if rows else 1
+    return write_scores(out, rows, failed, threshold)
 
 
 if __name__ == "__main__":

@@ -233,13 +233,20 @@ def main(argv: list[str]) -> int:
                 if not cv2.imwrite(str(target), np.ascontiguousarray(panel[..., ::-1])):
                     raise UserError(f"could not write {target}")
 
+    return write_scores(out, rows, [(path, "not an image OpenCV can decode") for path in failed], threshold)
+
+
+def write_scores(out: Path, rows: list[tuple[Path, float]], failed: list[tuple[Path, str]],
+                 threshold: Optional[float]) -> int:
+    """<out>/scores.csv (file, score[, anomalous]), the unreadable files on stderr, a summary line; the exit
+    status (1 when no image could be scored). predict.py reports the same way."""
     with open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "score"] + ([] if threshold is None else ["anomalous"]))
         for path, score in rows:
             writer.writerow([str(path), f"{score:.6f}"] + ([] if threshold is None else [int(score >= threshold)]))
-    for path in failed:
-        print(f"could not read {path}: not an image OpenCV can decode", file=sys.stderr)
+    for path, reason in failed:
+        print(f"could not read {path}: {reason}", file=sys.stderr)
     summary = f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}"
     if threshold is not None:
         summary += f"; threshold {threshold:.6f}: {sum(s >= threshold for _, s in rows)} anomalous"
