@@ -13,6 +13,7 @@ import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -219,6 +220,13 @@ def default_weights_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+@lru_cache(maxsize=32)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256_of, once per file version in a process: a run checks its weights before the run directory
+    exists and loads them again to train (train_sep.py once per class)."""
+    return sha256_of(Path(path))
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -259,7 +267,8 @@ def resolve_weights(name: str, weights_dir: Optional[str] = None) -> Path:
     if not path.exists():
         _download(spec.url, path)
     if spec.sha256 is not None:
-        actual = sha256_of(path)
+        stat = path.stat()
+        actual = _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
         if not actual.startswith(spec.sha256):
             raise WeightsError(f"sha256 mismatch for {path}: expected {spec.sha256}, got {actual}. "
                                f"The file is corrupt or not {spec.file_name}; delete it to download again.")
