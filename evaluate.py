@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import TestSet, build_test_set
+from datasets import TestSet, build_test_set, class_folder
 from models import input_normalization
 from models.registry import check_encoder_weights
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
@@ -27,8 +27,9 @@ from utils.device import peak_memory_mib, resolve_device
 from utils.run_setup import RunLog, output_folder, run_cli
 from utils.visualize import save_panel, to_display_image
 
-EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "device", "batch_size", "num_workers",
-             "encoder_weights", "weights_dir", "gt_threshold", "max_ratio", "aupro_thresholds", "aupro_fpr_limit")
+EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "realiad_images", "realiad_maskless", "device",
+             "batch_size", "num_workers", "encoder_weights", "weights_dir", "gt_threshold", "max_ratio",
+             "aupro_thresholds", "aupro_fpr_limit")
 
 
 def find_checkpoints(args: argparse.Namespace) -> tuple[list[Path], Path]:
@@ -55,7 +56,8 @@ def map_saver(out_dir: Path, count: int, cfg: dict):
             sample = dataset.samples[i]
             rgb = to_display_image(dataset[i][0], cfg["map_size"], *input_normalization(cfg))
             title = f"{sample.defect}/{sample.image.name}  score {float(outputs.scores[i]):.4f}"
-            save_panel(out_dir / "maps" / name / f"{sample.defect}_{sample.image.stem}.png", rgb,
+            view = "" if sample.view is None else f"_view{sample.view}"
+            save_panel(out_dir / "maps" / class_folder(name) / f"{sample.defect}_{sample.image.stem}{view}.png", rgb,
                        outputs.maps[i].cpu().numpy(), vmin, vmax, outputs.masks[i].cpu().numpy(), title)
     return save
 

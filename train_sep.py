@@ -10,7 +10,7 @@ results.csv / results.md with one row per class and the mean, plus results_per_d
 """
 import sys
 
-from datasets import count_lines, dataset_classes, load_data
+from datasets import class_folder, count_lines, dataset_classes, load_data
 from train_uni import save_shot_list, train
 from utils.checkpoint import finished_result, previous_checkpoint
 from utils.distributed import barrier, is_main
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     barrier()
     combined = EvaluationResult(rows={}, defects=[], images=0, seconds=0.0)
     for i, (name, (train_set, test_sets)) in enumerate(data.items()):
-        class_dir = run_dir / name
+        class_dir = run_dir / class_folder(name)
         checkpoint = previous_checkpoint(class_dir / "checkpoint.pth") if args.resume else None
         result = finished_result(checkpoint)
         log(f"=== class {i + 1}/{len(data)}: {name}" + (" (finished earlier)" if result else ""))

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import DatasetLayoutError, TestSet, TrainSet, count_lines, dataset_classes, load_data
+from datasets import (DatasetLayoutError, TestSet, TrainSet, class_folder, count_lines, dataset_classes,
+                      load_data)
 from datasets.caches import FeatureCache, attach_image_cache
 from datasets.fewshot import SHOT_LIST, write_shot_list
 from datasets.sampler import StepBatchSampler
@@ -218,7 +219,7 @@ def unreadable_image(error: DatasetLayoutError, saved_step: Optional[int], resum
 
 def run_root(run_dir: Path, classes: list[str]) -> Path:
     """The directory to --resume: the run's, also when `run_dir` is one class's folder of train_sep.py."""
-    return run_dir.parent if run_dir.name in classes else run_dir
+    return run_dir.parent if run_dir.name in map(class_folder, classes) else run_dir
 
 
 def save_shot_list(cfg: dict, run_dir: Path, images: dict[str, list[Path]], log: RunLog) -> None:

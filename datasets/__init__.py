@@ -1,9 +1,9 @@
-"""Datasets chosen by the config's `dataset` key; all but Real-IAD use the MVTec AD folder layout."""
+"""Datasets chosen by the config's `dataset` key; all but the Real-IAD pair use the MVTec AD folder layout."""
 from collections import Counter
 from pathlib import Path
 
 from models import input_normalization
-from . import folder, realiad
+from . import folder, manta, realiad
 from .fewshot import choose_shots, read_shot_list
 from .folder import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image
 
@@ -13,8 +13,19 @@ CLASSES = {
     "visa": ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
              "pcb3", "pcb4", "pipe_fryum"],
     "mpdd": ["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"],
+    "btad": ["01", "02", "03"],
+    "miad": ["catenary_dropper", "electrical_insulator", "metal_welding", "nut_and_bolt", "photovoltaic_module",
+             "wind_turbine", "witness_mark"],
+    "unimedical": ["BraTS2021", "LIVER", "RESC"],
     "realiad": realiad.CLASSES,
+    "manta": manta.CLASSES,
 }
+REALIAD_STYLE = ("realiad", "realiad_variety")  # JSON-listed: datasets/realiad.py
+
+
+def class_folder(name: str) -> str:
+    """A class's folder name in a run directory (MANTA-Tiny's `<domain>/<class>` names flattened)."""
+    return name.replace("/", "_")
 
 
 def dataset_classes(cfg: dict) -> list[str]:
@@ -27,6 +38,8 @@ def dataset_classes(cfg: dict) -> list[str]:
         return list(cfg["classes"])
     if cfg["dataset"] in CLASSES:
         return CLASSES[cfg["dataset"]]
+    if cfg["dataset"] == "realiad_variety":
+        return realiad.variety_classes(root)
     found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())  # dataset: folder
     if not found:
         raise DatasetLayoutError(f"no class folders with a train/ folder under {root}")
@@ -35,21 +48,26 @@ def dataset_classes(cfg: dict) -> list[str]:
 
 def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
     root = Path(cfg["data_path"])
-    if cfg["dataset"] == "realiad":
-        images = {name: realiad.train_images(root, name, cfg["realiad_split"]) for name in class_names}
+    if cfg["dataset"] in REALIAD_STYLE:
+        images = {name: realiad.train_images(root, name, realiad.layout(cfg)) for name in class_names}
+    elif cfg["dataset"] == "manta":
+        images = {name: manta.train_images(root, name) for name in class_names}
     else:
         images = {name: folder.train_images(root, name) for name in class_names}
     if cfg["shot_list"]:
         images = read_shot_list(Path(cfg["shot_list"]), class_names)
     elif cfg["shots"]:
         images = choose_shots(images, cfg["shots"], cfg["seed"])
-    return TrainSet(images, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), cfg["train_augment"])
+    return TrainSet(images, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), cfg["train_augment"],
+                    views=manta.VIEWS if cfg["dataset"] == "manta" else 1)
 
 
 def build_test_set(cfg: dict, class_name: str) -> TestSet:
     root = Path(cfg["data_path"])
-    if cfg["dataset"] == "realiad":
-        samples = realiad.list_test_samples(root, class_name, cfg["realiad_split"])
+    if cfg["dataset"] in REALIAD_STYLE:
+        samples = realiad.list_test_samples(root, class_name, realiad.layout(cfg))
+    elif cfg["dataset"] == "manta":
+        samples = manta.list_test_samples(root, class_name)
     else:
         samples = folder.list_test_samples(root, class_name)
     return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg))
@@ -78,4 +96,5 @@ def count_lines(train_set: TrainSet, test_sets: dict[str, TestSet]) -> list[str]
 
 
 __all__ = ["CLASSES", "IMG_EXTENSIONS", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
-           "build_train_set", "check_files", "count_lines", "dataset_classes", "load_data", "load_image"]
+           "build_train_set", "class_folder", "check_files", "count_lines", "dataset_classes", "load_data",
+           "load_image"]

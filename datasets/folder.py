@@ -1,12 +1,14 @@
-"""The generic folder loader: any dataset in the MVTec AD layout (MVTec AD, MPDD, prepared VisA, your own).
+"""The generic folder loader: any dataset in the MVTec AD layout (MVTec AD, MPDD, prepared VisA, BTAD,
+MIAD, Uni-Medical, MANTA-Tiny, your own).
 
     <root>/<class>/train/good/*.png
     <root>/<class>/test/good/*.png
     <root>/<class>/test/<defect>/*.png
-    <root>/<class>/ground_truth/<defect>/<name>_mask.png   (or <name>.png)
+    <root>/<class>/ground_truth/<defect>/<name>_mask.png   (or <name>.png; .bmp too)
 
-The layout is checked when a dataset is built: a missing folder, an empty class, a defect image
-without a mask or a mask without an image is an error naming the path, before any training.
+The normal folders may be named `ok` instead of `good` (BTAD). Masks are paired to images by name,
+never by position. The layout is checked when a dataset is built: a missing folder, an empty class, a
+defect image without a mask or a mask without an image is an error naming the path, before any training.
 """
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,13 +26,15 @@ from torchvision import transforms as T
 from .transforms import image_transform, mask_transform, strong_transform
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-EXPECTED_TREE = """expected layout:
+NORMAL_FOLDERS = ("good", "ok")
+EXPECTED_TREE = """expected layout (`ok` may stand for `good`):
   <data_path>/<class>/train/good/*.png
   <data_path>/<class>/test/good/*.png
   <data_path>/<class>/test/<defect>/*.png
   <data_path>/<class>/ground_truth/<defect>/<image name>_mask.png"""
 
 
+VIEW_WIDTH = 256  # MANTA-Tiny: the width of each view in a file of views side by side
 R = TypeVar("R")
 
 
@@ -50,6 +54,8 @@ class TestSample:
     label: int          # 0 normal, 1 anomalous
     defect: str         # "good" for normal images
     class_name: str
+    object_id: Optional[str] = None  # multi-view sets: the object the view shows (object-level metrics)
+    view: Optional[int] = None       # MANTA-Tiny: which of the views side by side in the file (views.py)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -69,6 +75,11 @@ def load_image(path: Path, mode: str = "RGB") -> Image.Image:
             return image.convert(mode)
     except Exception as error:
         raise ImageReadError(f"cannot decode image {path}: {error}") from None
+
+
+def crop_view(image: Image.Image, view: int) -> Image.Image:
+    """View number `view` of a file holding VIEW_WIDTH-pixel views side by side (MANTA-Tiny)."""
+    return image.crop((view * VIEW_WIDTH, 0, (view + 1) * VIEW_WIDTH, image.height))
 
 
 def image_size_decoded(path: Path) -> tuple[int, int]:
@@ -109,8 +120,16 @@ def check_files(train_paths: list[Path], test_samples: list[TestSample], decode_
                                      f"{sample.image} is {size[0]}x{size[1]}")
 
 
+def normal_folder(parent: Path, what: str) -> Path:
+    """parent/good, or parent/ok where the dataset names it so (BTAD); both at once is ambiguous."""
+    found = [parent / name for name in NORMAL_FOLDERS if (parent / name).is_dir()]
+    if len(found) > 1:
+        raise DatasetLayoutError(f"{parent} has both good/ and ok/: keep one folder of normal images")
+    return found[0] if found else _require_dir(parent / "good", what)
+
+
 def train_images(root: Path, class_name: str) -> list[Path]:
-    folder = _require_dir(Path(root) / class_name / "train" / "good", f"training folder of class '{class_name}'")
+    folder = normal_folder(Path(root) / class_name / "train", f"training folder of class '{class_name}'")
     images = list_images(folder)
     if not images:
         raise DatasetLayoutError(f"no training images in {folder}")
@@ -136,28 +155,33 @@ def _pair_masks(images: list[Path], mask_dir: Path) -> list[Path]:
 def list_test_samples(root: Path, class_name: str) -> list[TestSample]:
     class_dir = _require_dir(Path(root) / class_name, f"class folder '{class_name}'")
     test_dir = _require_dir(class_dir / "test", f"test folder of class '{class_name}'")
-    _require_dir(test_dir / "good", f"normal test images of class '{class_name}'")
+    normal_dir = normal_folder(test_dir, f"normal test images of class '{class_name}'")
     samples = []
     for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         images = list_images(defect_dir)
-        if defect_dir.name == "good":
+        if defect_dir == normal_dir:
             samples += [TestSample(p, None, 0, "good", class_name) for p in images]
             continue
         mask_dir = _require_dir(class_dir / "ground_truth" / defect_dir.name, f"masks of defect '{defect_dir.name}'")
         samples += [TestSample(p, m, 1, defect_dir.name, class_name) for p, m in zip(images, _pair_masks(images, mask_dir))]
     if not any(s.label == 0 for s in samples) or not any(s.label == 1 for s in samples):
-        raise DatasetLayoutError(f"{test_dir} needs both normal (test/good) and defect images for evaluation")
+        raise DatasetLayoutError(f"{test_dir} needs both normal (test/{normal_dir.name}) and defect images for "
+                                 "evaluation")
     return samples
 
 
 class TrainSet(Dataset):
-    """Normal training images of several classes, concatenated; items are (image, sample index)."""
+    """Normal training images of several classes, concatenated; items are (image, sample index).
+
+    With `views` > 1 each file holds that many views side by side (MANTA-Tiny) and an item is one of
+    them drawn at random (torch's RNG), as the released loader trains on them."""
 
     def __init__(self, images_by_class: dict[str, list[Path]], image_size: int, crop_size: int,
-                 mean: Sequence[float], std: Sequence[float], augment: str = "none"):
+                 mean: Sequence[float], std: Sequence[float], augment: str = "none", views: int = 1):
         self.class_names = list(images_by_class)
         self.samples = [(path, i) for i, name in enumerate(self.class_names) for path in images_by_class[name]]
         self.augment = augment
+        self.views = views
         self.transform = (strong_transform if augment == "strong" else image_transform)(image_size, crop_size,
                                                                                          mean, std)
         self.cache = None
@@ -178,7 +202,10 @@ class TrainSet(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if self.cache is not None:
             return self.transform(np.array(self.cache[index])), index  # a copy: the cache may be read-only
-        return self.transform(load_image(self.samples[index][0])), index
+        image = load_image(self.samples[index][0])
+        if self.views > 1:
+            image = crop_view(image, int(torch.randint(self.views, ())))
+        return self.transform(image), index
 
 
 class TestSet(Dataset):
@@ -206,5 +233,7 @@ class TestSet(Dataset):
             if mask_image.size != image.size:
                 raise ImageReadError(f"mask {sample.mask} is {mask_image.size[0]}x{mask_image.size[1]} but its image "
                                    f"{sample.image} is {image.size[0]}x{image.size[1]}")
-            mask = self.mask_transform(mask_image)
+            mask = self.mask_transform(mask_image if sample.view is None else crop_view(mask_image, sample.view))
+        if sample.view is not None:
+            image = crop_view(image, sample.view)
         return self.transform(image), mask, sample.label, index

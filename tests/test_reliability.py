@@ -17,7 +17,7 @@ from utils.config import load_config, validate
 from utils.guard import TrainingGuard
 from utils.run_setup import RunLog
 
-RESUMABLE = dict(total_iters=40, warmup_iters=5, ckpt_every=10, eval_every=20)
+RESUMABLE = dict(total_iters=40, warmup_iters=5, ckpt_every=10, eval_every=20, image_size=64, crop_size=56)
 
 
 def start(script: str, args: list) -> subprocess.Popen:
@@ -75,7 +75,8 @@ def test_killed_and_resumed_run_is_bit_identical(uninterrupted, synthetic_data, 
 
 
 def test_train_sep_resumes_at_the_class_and_step(synthetic_data, tiny_weights, tmp_path):
-    args = lambda out: tiny_run_args(synthetic_data, tiny_weights, out, total_iters=30, warmup_iters=5, ckpt_every=10)
+    args = lambda out: tiny_run_args(synthetic_data, tiny_weights, out, total_iters=30, warmup_iters=5, ckpt_every=10,
+                                     image_size=64, crop_size=56)
     run_script("train_sep.py", args(tmp_path / "a"))
     process = start("train_sep.py", args(tmp_path / "b"))
     wait_for(tmp_path / "b" / "run" / "stripes" / "checkpoint.pth", process)  # second class under way

@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Any] = load_yaml(BASE_CONFIG)
 SCHEMA: dict[str, Any] = {key: TYPE_OVERRIDES.get(key) or _infer_type(key, value) for key, value in DEFAULTS.items()}
 
 CHOICES = {
-    "dataset": ("mvtec", "visa", "mpdd", "realiad", "folder"),
+    "dataset": ("mvtec", "visa", "mpdd", "btad", "miad", "unimedical", "realiad", "realiad_variety", "manta", "folder"),
     "attention": ("linear", "softmax", "conv"),
     "sampler": ("uniform", "class_balanced"),
     "check_images": ("full", "header"),
@@ -65,6 +65,7 @@ CHOICES = {
     "lr_schedule": ("v1", "v2"),
     "train_augment": ("none", "strong"),
     "realiad_split": ("mv", "sv"),
+    "realiad_maskless": ("error", "normal"),
     "precision": ("fp32", "bf16", "fp16"),
     "image_cache": ("none", "memory", "disk"),
     "cache_features": ("none", "memory", "disk"),
@@ -162,9 +163,14 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
     for key, needs, why in (("bottleneck_first_lr", cfg["bottleneck"] == "two_stage", "needs --bottleneck two_stage"),
                             ("recenter", cfg["fuse_mode"] == "mean", "needs fuse_mode mean"),
                             ("train_augment", cfg["cache_features"] == "none", "strong changes the features at "
-                                                                              "every step: use cache_features none")):
+                                                                              "every step: use cache_features none"),
+                            *((key, cfg["dataset"] != "manta", "cannot cache MANTA-Tiny: a training image is a view "
+                               "drawn at random from its file at every read") for key in ("image_cache", "cache_features")),
+                            ("realiad_images", cfg["dataset"] in ("realiad", "realiad_variety"), "needs a Real-IAD dataset")):
         if cfg[key] not in (None, False, "none") and not needs:
             raise ConfigError(f"{source}: {key} {cfg[key]!r} {why}")
+    if cfg["realiad_split"] != "mv" and cfg["dataset"] == "realiad_variety":
+        raise ConfigError(f"{source}: realiad_split {cfg['realiad_split']!r}: Real-IAD Variety has one split (mv)")
     if cfg["warmup_iters"] >= cfg["total_iters"]:
         raise ConfigError(f"{source}: warmup_iters ({cfg['warmup_iters']}) must be below total_iters "
                           f"({cfg['total_iters']})")

@@ -18,6 +18,7 @@ from .anomaly_map import anomaly_maps, image_scores
 from .metrics import METRIC_NAMES, class_metrics, mean_anomaly_detection, ranking_metrics
 
 TABLE_COLUMNS = METRIC_NAMES + ("mAD",)
+OBJECT_COLUMNS = ("O-AUROC", "O-AP", "O-F1max")  # multi-view sets (Dinomaly2): one score per object
 
 
 @dataclass
@@ -63,10 +64,27 @@ def infer_class(model: torch.nn.Module, dataset: TestSet, cfg: dict, device: tor
     return ClassOutputs(torch.cat(maps), torch.cat(scores), torch.cat(labels).to(device), torch.cat(masks), seconds)
 
 
-def metrics_row(outputs: ClassOutputs, cfg: dict) -> dict[str, float]:
+def object_scores(outputs: ClassOutputs, dataset: TestSet, max_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per object (the samples sharing an object_id): the mean of the top `max_ratio` share of the pixels
+    of all its views' maps pooled (not a mean or max of the view scores), and its label, anomalous when
+    any of its views is (Dinomaly2's object-level protocol)."""
+    views: dict[str, list[int]] = {}
+    for index, sample in enumerate(dataset.samples):
+        views.setdefault(sample.object_id, []).append(index)
+    scores = [image_scores(outputs.maps[indices].reshape(1, -1), max_ratio)[0] for indices in views.values()]
+    labels = [outputs.labels[indices].max() for indices in views.values()]
+    return torch.stack(scores), torch.stack(labels)
+
+
+def metrics_row(outputs: ClassOutputs, cfg: dict, dataset: Optional[TestSet] = None) -> dict[str, float]:
+    """The seven metrics (and mAD) of one class; with a multi-view `dataset` (samples carrying an
+    object_id) the object-level O-AUROC, O-AP and O-F1max too."""
     row = class_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks,
                         cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])
     row["mAD"] = mean_anomaly_detection(row)
+    if dataset is not None and dataset.samples[0].object_id is not None:
+        objects = ranking_metrics(*object_scores(outputs, dataset, cfg["max_ratio"]))
+        row.update({"O-AUROC": objects["auroc"], "O-AP": objects["ap"], "O-F1max": objects["f1max"]})
     row["map_min"], row["map_max"] = float(outputs.maps.min()), float(outputs.maps.max())  # heatmap colour scale
     return row
 
@@ -105,25 +123,32 @@ def evaluate(model: torch.nn.Module, test_sets: dict[str, TestSet], cfg: dict, d
     rows, defects, images, seconds = {}, [], 0, 0.0
     for name, dataset in test_sets.items():
         outputs = infer_class(model, dataset, cfg, device)
-        rows[name] = metrics_row(outputs, cfg)
+        rows[name] = metrics_row(outputs, cfg, dataset)
         if on_class is not None:
             on_class(name, dataset, outputs)
         defects += defect_rows(outputs, dataset)
         images += len(dataset)
         seconds += outputs.seconds
-        log(f"  {name:<14}" + " ".join(f"{k} {100 * rows[name][k]:6.2f}" for k in TABLE_COLUMNS))
+        log(f"  {name:<14}" + " ".join(f"{k} {100 * rows[name][k]:6.2f}" for k in table_columns(rows)))
         del outputs
     return EvaluationResult(rows, defects, images, seconds)
 
 
+def table_columns(rows: dict[str, dict[str, float]]) -> tuple[str, ...]:
+    """The seven metrics and mAD, then the object-level ones where every class has them."""
+    has_objects = rows and all(OBJECT_COLUMNS[0] in row for row in rows.values())
+    return TABLE_COLUMNS + (OBJECT_COLUMNS if has_objects else ())
+
+
 def mean_row(rows: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([row[k] for row in rows.values()])) for k in TABLE_COLUMNS}
+    return {k: float(np.mean([row[k] for row in rows.values()])) for k in table_columns(rows)}
 
 
 def format_markdown(rows: dict[str, dict[str, float]]) -> str:
-    lines = ["| class | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    columns = table_columns(rows)
+    lines = ["| class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row[k]:.2f}" for k in TABLE_COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * row[k]:.2f}" for k in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,9 +183,10 @@ def write_tables(run_dir: Path, result: EvaluationResult, stem: str = "results",
     with `paper` (a main-table run), results.md also shows the paper's per-class numbers beside ours."""
     run_dir = Path(run_dir)
     rows = result.rows
-    csv = ["class," + ",".join(TABLE_COLUMNS)]
+    columns = table_columns(rows)
+    csv = ["class," + ",".join(columns)]
     for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
-        csv.append(name + "," + ",".join(f"{100 * row[k]:.4f}" for k in TABLE_COLUMNS))
+        csv.append(name + "," + ",".join(f"{100 * row[k]:.4f}" for k in columns))
     (run_dir / f"{stem}.csv").write_text("\n".join(csv) + "\n")
     (run_dir / f"{stem}.md").write_text(format_markdown(rows) + (format_paper_comparison(rows, paper) if paper else ""))
     defect_csv = ["class,defect,images,I-AUROC,P-AUROC"] + [

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from datasets import DatasetLayoutError
+from datasets import DatasetLayoutError, class_folder
 from models.registry import WeightsError, check_encoder_weights
 from .checkpoint import CheckpointError, TrainingDiverged
 from .config import (DEFAULTS, SCHEMA, ConfigError, build_parser, collect_overrides, config_from_args, dump, load_yaml,
@@ -85,7 +85,7 @@ def default_run_name(cfg: dict, setting: str) -> str:
     the encoder when it is not the recipe's."""
     parts = [cfg["dataset"], setting]
     if cfg["classes"] and len(cfg["classes"]) == 1:
-        parts.append(cfg["classes"][0])
+        parts.append(class_folder(cfg["classes"][0]))
     if cfg["encoder"] != DEFAULTS["encoder"]:
         parts.append(cfg["encoder"])
     return "_".join(parts + [f"{datetime.datetime.now():%Y%m%d_%H%M%S}"])
