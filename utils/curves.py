@@ -73,7 +73,7 @@ class Curves:
             plot_metrics(read_rows(self.eval_csv), self.run_dir / "metrics.png")
 
     def plot_final(self, rows: Optional[dict[str, dict[str, float]]]) -> None:
-        self.plot()
+        """per_class.png; curves.png and metrics.png were redrawn by the final evaluation's log_eval."""
         if self.enabled and rows:
             plot_per_class(rows, self.run_dir / "per_class.png")
 
