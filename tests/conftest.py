@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prepare_data.make_synthetic import make_dataset  # noqa: E402
+from utils.run_setup import run_cli  # noqa: E402
 
 
 def meta_state_dict(dim: int, depth: int, registers: int, generator: torch.Generator,
@@ -82,6 +83,17 @@ def run_script(script: str, args: list, check: bool = True) -> subprocess.Comple
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def run_in_process(script, argv: list, capsys) -> subprocess.CompletedProcess:
+    """A script's main through the same run_cli as its __main__ (any other exception, a traceback,
+    fails the test), without starting a Python per case."""
+    try:
+        code = run_cli(script.main, [str(a) for a in argv], getattr(script, "SCRIPT_ERRORS", ()))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 @pytest.fixture(scope="session")

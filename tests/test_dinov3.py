@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from conftest import ROOT, run_script, tiny_run_args
+import train_uni
+from conftest import ROOT, run_in_process, run_script, tiny_run_args
 from models import registry
 from models.dinov3 import apply_rope
 from utils.config import DEFAULTS
@@ -257,9 +258,9 @@ def test_a_tiny_dinov3_trains_through_both_scripts(script, synthetic_data, dinov
     assert "mean" in results and "stripes" in results
 
 
-def test_a_crop_off_the_16_pixel_grid_is_one_line_with_the_hint(synthetic_data, dinov3_weights, tmp_path):
-    result = run_script("train_uni.py", tiny_run_args(synthetic_data, dinov3_weights, tmp_path,
-                                                      encoder="dinov3_vit_tiny_16", crop_size=120), check=False)
+def test_a_crop_off_the_16_pixel_grid_is_one_line_with_the_hint(synthetic_data, dinov3_weights, tmp_path, capsys):
+    result = run_in_process(train_uni, tiny_run_args(synthetic_data, dinov3_weights, tmp_path,
+                                                     encoder="dinov3_vit_tiny_16", crop_size=120), capsys)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--image_size 512 --crop_size 448" in result.stderr and not (tmp_path / "run").exists()
 

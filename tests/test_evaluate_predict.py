@@ -7,7 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from conftest import run_script
+import evaluate
+import predict
+from conftest import run_in_process, run_script
 from datasets import TestSample
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.evaluation import ClassOutputs, binarise_masks, defect_rows
@@ -44,19 +46,19 @@ def test_evaluate_run_dir_and_protocol_override(trained_run, tmp_path):
     assert "gt_threshold: 0.5" in (out / "eval_config.yaml").read_text()
 
 
-def test_evaluate_errors_name_the_path(trained_run, tmp_path):
+def test_evaluate_errors_name_the_path(trained_run, tmp_path, capsys):
     missing = tmp_path / "nothing" / "checkpoint.pth"
-    result = run_script("evaluate.py", ["--checkpoint", missing], check=False)
+    result = run_in_process(evaluate, ["--checkpoint", missing], capsys)
     assert result.returncode != 0 and f"checkpoint not found: {missing}" in result.stderr
-    result = run_script("evaluate.py", ["--run_dir", tmp_path], check=False)
+    result = run_in_process(evaluate, ["--run_dir", tmp_path], capsys)
     assert result.returncode != 0 and f"no checkpoint.pth in {tmp_path}" in result.stderr
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00" * 100)
-    result = run_script("evaluate.py", ["--checkpoint", garbage], check=False)
+    result = run_in_process(evaluate, ["--checkpoint", garbage], capsys)
     assert result.returncode != 0 and f"could not read checkpoint {garbage}" in result.stderr
 
 
-def test_checkpoint_of_another_architecture_is_rejected(trained_run, tmp_path):
+def test_checkpoint_of_another_architecture_is_rejected(trained_run, tmp_path, capsys):
     checkpoint = load_checkpoint(trained_run / "checkpoint.pth")
     checkpoint["config"] = {**checkpoint["config"], "encoder": "dinov2_vit_small_14", "encoder_weights": "random"}
     path = tmp_path / "other.pth"
@@ -64,7 +66,8 @@ def test_checkpoint_of_another_architecture_is_rejected(trained_run, tmp_path):
     with pytest.raises(CheckpointError) as error, pytest.warns(UserWarning):
         model_from_checkpoint(load_checkpoint(path))
     assert str(path) in str(error.value) and "shape mismatches" in str(error.value)
-    result = run_script("evaluate.py", ["--checkpoint", path], check=False)
+    with pytest.warns(UserWarning):
+        result = run_in_process(evaluate, ["--checkpoint", path], capsys)
     assert result.returncode != 0 and "does not match the architecture" in result.stderr
 
 
@@ -88,18 +91,18 @@ def test_predict_scores_labels_and_lists_unreadable_files(trained_run, synthetic
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["defect.png", "nested__good.png"]
 
 
-def test_predict_fails_when_nothing_is_processed(trained_run, tmp_path):
+def test_predict_fails_when_nothing_is_processed(trained_run, tmp_path, capsys):
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "x.png").write_bytes(b"junk")
     args = ["--checkpoint", trained_run / "checkpoint.pth", "--out", tmp_path / "o"]
-    result = run_script("predict.py", args + ["--images", only_bad], check=False)
+    result = run_in_process(predict, args + ["--images", only_bad], capsys)
     assert result.returncode == 1 and "0 images scored, 1 unreadable" in result.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_script("predict.py", args + ["--images", empty], check=False)
+    result = run_in_process(predict, args + ["--images", empty], capsys)
     assert result.returncode != 0 and "no images" in result.stderr and str(empty) in result.stderr
-    result = run_script("predict.py", args + ["--images", only_bad, "--threshold", "f1"], check=False)
+    result = run_in_process(predict, args + ["--images", only_bad, "--threshold", "f1"], capsys)
     assert result.returncode != 0 and "--threshold f1 needs --class_name, one of: checker, stripes" in result.stderr
 
 

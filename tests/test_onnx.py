@@ -155,7 +155,8 @@ def test_mistakes_on_the_export_and_scoring_paths_are_one_line(exported, trained
                                                                tmp_path, capsys):
     import evaluate
     import predict
-    from test_usability import assert_one_line_error, run_in_process
+    from conftest import run_in_process
+    from test_usability import assert_one_line_error
     not_onnx = tmp_path / "not.onnx"
     not_onnx.write_text("text")
     taken = tmp_path / "taken"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_uni
-from conftest import ROOT, run_script, tiny_run_args
+from conftest import ROOT, run_in_process, run_script, tiny_run_args
 from datasets import load_data
 from utils.checkpoint import TrainingDiverged, load_checkpoint, save_checkpoint
 from utils.config import load_config, validate
@@ -113,10 +113,10 @@ def test_truncated_temporary_file_is_ignored_on_resume(uninterrupted, tmp_path):
     assert_identical(run_dir / "checkpoint.pth", uninterrupted / "checkpoint.pth")
 
 
-def test_resume_refuses_to_change_the_recipe_and_names_missing_runs(uninterrupted, tmp_path):
-    result = run_script("train_uni.py", ["--resume", uninterrupted, "--total_iters", "99"], check=False)
+def test_resume_refuses_to_change_the_recipe_and_names_missing_runs(uninterrupted, tmp_path, capsys):
+    result = run_in_process(train_uni, ["--resume", uninterrupted, "--total_iters", "99"], capsys)
     assert result.returncode != 0 and "--total_iters cannot change when resuming" in result.stderr
-    result = run_script("train_uni.py", ["--resume", tmp_path / "nope"], check=False)
+    result = run_in_process(train_uni, ["--resume", tmp_path / "nope"], capsys)
     assert result.returncode != 0 and str(tmp_path / "nope" / "config.yaml") in result.stderr
 
 
@@ -196,20 +196,21 @@ def test_guard_detects_spikes_against_the_running_median():
     (lambda d: shutil.rmtree(d / "checker" / "test" / "good"), "checker/test/good"),
     (lambda d: [p.unlink() for p in (d / "checker" / "train" / "good").iterdir()], "checker/train/good"),
 ])
-def test_bad_datasets_fail_before_training_naming_the_file(synthetic_data, tiny_weights, tmp_path, damage, culprit):
+def test_bad_datasets_fail_before_training_naming_the_file(synthetic_data, tiny_weights, tmp_path, damage, culprit,
+                                                          capsys):
     data = tmp_path / "data"
     shutil.copytree(synthetic_data, data)
     damage(data)
-    result = run_script("train_uni.py", tiny_run_args(data, tiny_weights, tmp_path / "out"), check=False)
+    result = run_in_process(train_uni, tiny_run_args(data, tiny_weights, tmp_path / "out"), capsys)
     assert result.returncode != 0 and culprit in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_overwrite_replaces_only_when_asked(synthetic_data, tiny_weights, tmp_path):
+def test_overwrite_replaces_only_when_asked(synthetic_data, tiny_weights, tmp_path, capsys):
     args = tiny_run_args(synthetic_data, tiny_weights, tmp_path, total_iters=3, warmup_iters=1, classes="stripes")
-    run_script("train_uni.py", args)
+    assert run_in_process(train_uni, args, capsys).returncode == 0
     first = (tmp_path / "run" / "log.txt").read_text()
-    assert run_script("train_uni.py", args, check=False).returncode != 0
+    assert run_in_process(train_uni, args, capsys).returncode != 0
     assert (tmp_path / "run" / "log.txt").read_text() == first
-    run_script("train_uni.py", args + ["--overwrite"])
+    assert run_in_process(train_uni, args + ["--overwrite"], capsys).returncode == 0
     assert (tmp_path / "run" / "checkpoint.pth").is_file()

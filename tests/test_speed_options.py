@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_script, tiny_run_args
+import train_uni
+from conftest import ROOT, run_in_process, run_script, tiny_run_args
 from datasets import build_train_set
 from datasets.caches import FeatureCache, attach_image_cache
 from models import build_model
@@ -103,7 +104,6 @@ def test_class_balanced_sampler_works_with_cached_features(synthetic_data, tiny_
     assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["step"] == 4
 
 
-def test_fp16_needs_cuda(synthetic_data, tiny_weights, tmp_path):
-    result = run_script("train_uni.py", tiny_run_args(synthetic_data, tiny_weights, tmp_path, precision="fp16"),
-                        check=False)
+def test_fp16_needs_cuda(synthetic_data, tiny_weights, tmp_path, capsys):
+    result = run_in_process(train_uni, tiny_run_args(synthetic_data, tiny_weights, tmp_path, precision="fp16"), capsys)
     assert result.returncode != 0 and "fp16 needs a CUDA device" in result.stderr

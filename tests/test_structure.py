@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, meta_state_dict, run_script, tiny_run_args
+import train_uni
+from conftest import ROOT, meta_state_dict, run_in_process, run_script, tiny_run_args
 from test_reliability import interrupt_after_first_checkpoint
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import DEFAULTS, ConfigError, load_config, parse_args, validate
@@ -93,8 +94,8 @@ def test_encoder_with_16_pixel_patches_trains_through_the_same_path(synthetic_da
     assert (tmp_path / "run" / "results.csv").is_file()
 
 
-def test_crop_not_divisible_by_the_patch_size_is_one_line(synthetic_data, patch16_weights, tmp_path):
-    result = run_script("train_uni.py", tiny_run_args(synthetic_data, patch16_weights, tmp_path,
-                                                      encoder="dinov2_vit_tiny_16", crop_size=112 + 14), check=False)
+def test_crop_not_divisible_by_the_patch_size_is_one_line(synthetic_data, patch16_weights, tmp_path, capsys):
+    result = run_in_process(train_uni, tiny_run_args(synthetic_data, patch16_weights, tmp_path,
+                                                     encoder="dinov2_vit_tiny_16", crop_size=112 + 14), capsys)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "crop_size must be a multiple of the patch size 16 of encoder 'dinov2_vit_tiny_16', got 126" in result.stderr

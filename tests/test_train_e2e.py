@@ -3,7 +3,8 @@ import csv
 
 import torch
 
-from conftest import run_script, tiny_run_args
+import train_uni
+from conftest import run_in_process, run_script, tiny_run_args
 
 
 def read_table(path) -> dict[str, dict[str, float]]:
@@ -37,16 +38,16 @@ def test_train_sep_trains_one_model_per_class(synthetic_data, tiny_weights, tmp_
         assert checkpoint["classes"] == [name]
 
 
-def test_existing_run_directory_is_not_overwritten(synthetic_data, tiny_weights, tmp_path):
+def test_existing_run_directory_is_not_overwritten(synthetic_data, tiny_weights, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("precious")
-    result = run_script("train_uni.py", tiny_run_args(synthetic_data, tiny_weights, tmp_path, total_iters=5,
-                                                      warmup_iters=1), check=False)
+    result = run_in_process(train_uni, tiny_run_args(synthetic_data, tiny_weights, tmp_path, total_iters=5,
+                                                     warmup_iters=1), capsys)
     assert result.returncode != 0 and "already exists" in result.stderr
     assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
 
 
-def test_bad_data_path_fails_before_creating_a_run(tiny_weights, tmp_path):
-    result = run_script("train_uni.py", tiny_run_args(tmp_path / "missing", tiny_weights, tmp_path / "out"), check=False)
+def test_bad_data_path_fails_before_creating_a_run(tiny_weights, tmp_path, capsys):
+    result = run_in_process(train_uni, tiny_run_args(tmp_path / "missing", tiny_weights, tmp_path / "out"), capsys)
     assert result.returncode != 0 and f"data_path does not exist or is not a folder: {tmp_path / 'missing'}" in result.stderr
     assert not (tmp_path / "out").exists()

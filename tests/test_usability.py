@@ -21,12 +21,11 @@ from PIL import Image
 import evaluate
 import predict
 import train_uni
-from conftest import ROOT, run_script, tiny_run_args
+from conftest import ROOT, run_in_process, run_script, tiny_run_args
 from test_reliability import assert_identical, interrupt_after_first_checkpoint, wait_for
 from utils import device as device_module
 from utils.config import DEFAULTS
 from utils.device import effective_precision
-from utils.run_setup import run_cli
 
 
 def truncate(path: Path) -> None:
@@ -49,20 +48,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, culprit: str) -> 
     assert len(error) == 1 and culprit in error[0], result.stderr[-3000:]
 
 
-def run_in_process(script, argv: list, capsys) -> subprocess.CompletedProcess:
-    """A script's main through the same run_cli as its __main__ (any other exception, a traceback,
-    fails the test), without starting a Python per case."""
-    try:
-        code = run_cli(script.main, [str(a) for a in argv], getattr(script, "SCRIPT_ERRORS", ()))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
-
-
-def test_truncated_image_is_found_before_training(data, tiny_weights, tmp_path):
+def test_truncated_image_is_found_before_training(data, tiny_weights, tmp_path, capsys):
     truncate(data / "stripes" / "train" / "good" / "004.png")
-    result = run_script("train_uni.py", tiny_run_args(data, tiny_weights, tmp_path / "out"), check=False)
+    result = run_in_process(train_uni, tiny_run_args(data, tiny_weights, tmp_path / "out"), capsys)
     assert_one_line_error(result, "stripes/train/good/004.png")
     assert not (tmp_path / "out").exists()
 
@@ -222,10 +210,10 @@ def test_same_command_with_resume_continues_and_only_real_changes_are_refused(da
     run_script("train_uni.py", ["--resume", tmp_path / "run"])  # the run directory alone (already finished)
 
 
-def test_run_name_says_what_was_trained(data, tiny_weights, tmp_path):
+def test_run_name_says_what_was_trained(data, tiny_weights, tmp_path, capsys):
     args = tiny_run_args(data, tiny_weights, tmp_path / "out", total_iters=3, warmup_iters=1, classes="stripes")
     argv = [a for i, a in enumerate(args) if "--run_name" not in (a, args[i - 1] if i else "")]
-    run_script("train_uni.py", argv)
+    assert run_in_process(train_uni, argv, capsys).returncode == 0
     (run_dir,) = (tmp_path / "out").iterdir()
     assert run_dir.name.startswith("folder_uni_stripes_dinov2_vit_tiny_14_"), run_dir.name
 
