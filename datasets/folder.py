@@ -55,7 +55,7 @@ class TestSample:
     defect: str         # "good" for normal images
     class_name: str
     object_id: Optional[str] = None  # multi-view sets: the object the view shows (object-level metrics)
-    view: Optional[int] = None       # MANTA-Tiny: which of the views side by side in the file (views.py)
+    view: Optional[int] = None       # MANTA-Tiny: which of the views side by side in the file (crop_view)
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -53,7 +53,8 @@ def view_labels(mask: Path) -> list[int]:
 def list_test_samples(root: Path, class_name: str) -> list[TestSample]:
     samples = []
     for sample in folder.list_test_samples(root, class_name):
+        _check_views(sample.image)
         labels = view_labels(_check_views(sample.mask)) if sample.mask is not None else [0] * VIEWS
-        samples += [replace(sample, label=label, view=view, object_id=str(_check_views(sample.image)))
+        samples += [replace(sample, label=label, view=view, object_id=str(sample.image))
                     for view, label in enumerate(labels)]
     return samples
