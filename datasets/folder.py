@@ -142,7 +142,8 @@ def _pair_masks(images: list[Path], mask_dir: Path) -> list[Path]:
     for image in images:
         stem = next((s for s in (f"{image.stem}_mask", image.stem) if s in masks), None)
         if stem is None:
-            raise DatasetLayoutError(f"defect image {image} has no mask: expected {mask_dir / (image.stem + '_mask.png')}")
+            raise DatasetLayoutError(f"defect image {image} has no mask: expected {mask_dir / image.stem}_mask.png or "
+                                     f"{image.stem}.png there (.bmp and .jpg are read too)")
         paired.append(masks[stem])
         used.add(stem)
     orphans = sorted(set(masks) - used)
