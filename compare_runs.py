@@ -51,7 +51,7 @@ def markdown(names: list[str], configs: list[dict], tables: list[dict]) -> str:
               for n, t in zip(names, tables)]
     classes = [c for c in tables[0] if c != "mean"]
     lines += ["", "## I-AUROC per class", "", "| class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {c} | " + " | ".join(f"{float(t[c]['I-AUROC']):.2f}" if c in t else "" for t in tables) + " |"
+    lines += [f"| {c} | " + " | ".join(f"{float(t[c]['I-AUROC']):.2f}" if t.get(c, {}).get("I-AUROC") else "" for t in tables) + " |"
               for c in classes]
     return "\n".join(lines) + "\n"
 

@@ -93,11 +93,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs,
 
 
 def train_loader(data: Dataset, class_ids: Optional[list[int]], cfg: dict, state: TrainState,
-                 device: torch.device) -> DataLoader:
+                 device: torch.device, modalities: int = 1) -> DataLoader:
     """This process's share of the batches of steps state.step..total_iters-1 (class-balanced when
-    `class_ids` is given); its own generator keeps the global RNG untouched."""
+    `class_ids` is given; `modalities` images per object drawn together, TrainSet's order); its own
+    generator keeps the global RNG untouched."""
     sampler = StepBatchSampler(len(data), cfg["batch_size"], cfg["total_iters"], cfg["seed"] + 1000 * state.reshuffles,
-                               start_step=state.step, class_ids=class_ids, rank=rank(), world_size=world_size())
+                               start_step=state.step, class_ids=class_ids, rank=rank(), world_size=world_size(),
+                               modalities=modalities)
     workers = 0 if isinstance(data, FeatureCache) else cfg["num_workers"]
     return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator())
@@ -159,7 +161,7 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
     try:
         with StopRequest() as stop:
             while state.step < total:
-                for inputs, indices in train_loader(data, class_ids, cfg, state, device):
+                for inputs, indices in train_loader(data, class_ids, cfg, state, device, train_set.modalities):
                     lrs = schedule(state.step)
                     lr = lrs[-1]  # the decoder's, logged
                     easy_share = hard_mining_p(state.step, cfg["hm_p_final"], cfg["hm_ramp_iters"])

@@ -1,9 +1,10 @@
-"""Datasets chosen by the config's `dataset` key; all but the Real-IAD pair use the MVTec AD folder layout."""
+"""Datasets chosen by the config's `dataset` key; all but the Real-IAD pair and MulSen-AD use the MVTec AD
+folder layout."""
 from collections import Counter
 from pathlib import Path
 
 from models import input_normalization
-from . import folder, manta, realiad
+from . import folder, manta, mulsen, realiad
 from .fewshot import choose_shots, read_shot_list
 from .folder import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image
 
@@ -19,6 +20,7 @@ CLASSES = {
     "unimedical": ["BraTS2021", "LIVER", "RESC"],
     "realiad": realiad.CLASSES,
     "manta": manta.CLASSES,
+    "mulsen": mulsen.CLASSES,
 }
 REALIAD_STYLE = ("realiad", "realiad_variety")  # JSON-listed: datasets/realiad.py
 
@@ -52,6 +54,8 @@ def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
         images = {name: realiad.train_images(root, name, realiad.layout(cfg)) for name in class_names}
     elif cfg["dataset"] == "manta":
         images = {name: manta.train_images(root, name) for name in class_names}
+    elif cfg["dataset"] == "mulsen":  # each object's RGB and infrared image, one after the other
+        images = {name: [p for pair in mulsen.train_pairs(root, name) for p in pair] for name in class_names}
     else:
         images = {name: folder.train_images(root, name) for name in class_names}
     if cfg["shot_list"]:
@@ -59,7 +63,8 @@ def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
     elif cfg["shots"]:
         images = choose_shots(images, cfg["shots"], cfg["seed"])
     return TrainSet(images, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), cfg["train_augment"],
-                    views=manta.VIEWS if cfg["dataset"] == "manta" else 1)
+                    views=manta.VIEWS if cfg["dataset"] == "manta" else 1,
+                    modalities=len(mulsen.MODALITIES) if cfg["dataset"] == "mulsen" else 1)
 
 
 def build_test_set(cfg: dict, class_name: str) -> TestSet:
@@ -68,6 +73,8 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
         samples = realiad.list_test_samples(root, class_name, realiad.layout(cfg))
     elif cfg["dataset"] == "manta":
         samples = manta.list_test_samples(root, class_name)
+    elif cfg["dataset"] == "mulsen":
+        samples = mulsen.list_test_samples(root, class_name)
     else:
         samples = folder.list_test_samples(root, class_name)
     return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg))

@@ -56,6 +56,8 @@ class TestSample:
     class_name: str
     object_id: Optional[str] = None  # multi-view sets: the object the view shows (object-level metrics)
     view: Optional[int] = None       # MANTA-Tiny: which of the views side by side in the file (crop_view)
+    modality: Optional[str] = None   # MulSen-AD: RGB or Infrared (per-modality pixel metrics)
+    object_label: Optional[int] = None  # MulSen-AD: the object's label, which also counts its point cloud
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -175,12 +177,18 @@ class TrainSet(Dataset):
     """Normal training images of several classes, concatenated; items are (image, sample index).
 
     With `views` > 1 each file holds that many views side by side (MANTA-Tiny) and an item is one of
-    them drawn at random (torch's RNG), as the released loader trains on them."""
+    them drawn at random (torch's RNG), as the released loader trains on them.
+    With `modalities` m > 1 each class lists every object's m images one after the other (MulSen-AD:
+    RGB, infrared); samples are then ordered modality by modality, so that sample o + k * n is image k of
+    object o of n (what StepBatchSampler's `modalities` relies on)."""
 
     def __init__(self, images_by_class: dict[str, list[Path]], image_size: int, crop_size: int,
-                 mean: Sequence[float], std: Sequence[float], augment: str = "none", views: int = 1):
+                 mean: Sequence[float], std: Sequence[float], augment: str = "none", views: int = 1,
+                 modalities: int = 1):
         self.class_names = list(images_by_class)
-        self.samples = [(path, i) for i, name in enumerate(self.class_names) for path in images_by_class[name]]
+        listed = [(path, i) for i, name in enumerate(self.class_names) for path in images_by_class[name]]
+        self.samples = [sample for k in range(modalities) for sample in listed[k::modalities]]
+        self.modalities = modalities
         self.augment = augment
         self.views = views
         self.transform = (strong_transform if augment == "strong" else image_transform)(image_size, crop_size,

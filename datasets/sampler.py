@@ -18,21 +18,31 @@ class StepBatchSampler(Sampler[list[int]]):
     one after the other, as it takes to fill it. With `class_ids`, an epoch instead draws the same
     number of images with every class equally likely.
     `rank`/`world_size` keep this process's contiguous share of each global batch.
+    With `modalities` m > 1 (MulSen-AD) sample o + k * n is image k of object o of n = num_samples / m:
+    the draw above picks batch_size / m objects, and a batch holds their first images, then their
+    second ones, and so on (the released RGB-IR batch, torch.cat([rgb, ir])); with several processes
+    each keeps all images of its share of the objects.
     """
 
     def __init__(self, num_samples: int, batch_size: int, total_steps: int, seed: int, start_step: int = 0,
-                 class_ids: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1):
+                 class_ids: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1,
+                 modalities: int = 1):
+        if num_samples % modalities or batch_size % modalities:
+            raise ValueError(f"{num_samples} images and a batch of {batch_size} do not split into {modalities} "
+                             "images per object")
+        num_samples, batch_size = num_samples // modalities, batch_size // modalities
         if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
+            raise ValueError(f"batch_size {batch_size * modalities} is not divisible by the {world_size} processes")
         self.num_samples = num_samples
         self.batch_size = batch_size
+        self.modalities = modalities
         self.steps_per_epoch = max(1, num_samples // batch_size)
         self.total_steps = total_steps
         self.seed = seed
         self.start_step = start_step
         self.weights = None
         if class_ids is not None:
-            ids = torch.as_tensor(class_ids)
+            ids = torch.as_tensor(class_ids)[:num_samples]  # an object's class: that of its first image
             self.weights = 1.0 / torch.bincount(ids).double()[ids]
         share = batch_size // world_size
         self.slice = slice(rank * share, (rank + 1) * share)
@@ -53,7 +63,8 @@ class StepBatchSampler(Sampler[list[int]]):
             if step // self.steps_per_epoch != epoch:
                 epoch = step // self.steps_per_epoch
                 batches = self.epoch_batches(epoch)
-            yield batches[step % self.steps_per_epoch, self.slice].tolist()
+            objects = batches[step % self.steps_per_epoch, self.slice]
+            yield torch.cat([objects + k * self.num_samples for k in range(self.modalities)]).tolist()
 
     def __len__(self) -> int:
         return self.total_steps - self.start_step

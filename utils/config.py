@@ -55,7 +55,8 @@ DEFAULTS: dict[str, Any] = load_yaml(BASE_CONFIG)
 SCHEMA: dict[str, Any] = {key: TYPE_OVERRIDES.get(key) or _infer_type(key, value) for key, value in DEFAULTS.items()}
 
 CHOICES = {
-    "dataset": ("mvtec", "visa", "mpdd", "btad", "miad", "unimedical", "realiad", "realiad_variety", "manta", "folder"),
+    "dataset": ("mvtec", "visa", "mpdd", "btad", "miad", "unimedical", "realiad", "realiad_variety", "manta", "mulsen",
+                "folder"),
     "attention": ("linear", "softmax", "conv"),
     "sampler": ("uniform", "class_balanced"),
     "check_images": ("full", "header"),
@@ -166,11 +167,16 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
                                                                               "every step: use cache_features none"),
                             *((key, cfg["dataset"] != "manta", "cannot cache MANTA-Tiny: a training image is a view "
                                "drawn at random from its file at every read") for key in ("image_cache", "cache_features")),
-                            ("realiad_images", cfg["dataset"] in ("realiad", "realiad_variety"), "needs a Real-IAD dataset")):
+                            ("realiad_images", cfg["dataset"] in ("realiad", "realiad_variety"), "needs a Real-IAD dataset"),
+                            *((key, cfg["dataset"] != "mulsen", "draws single images; MulSen-AD trains on RGB-infrared "
+                               "pairs") for key in ("shots", "shot_list"))):
         if cfg[key] not in (None, False, "none") and not needs:
             raise ConfigError(f"{source}: {key} {cfg[key]!r} {why}")
     if cfg["realiad_split"] != "mv" and cfg["dataset"] == "realiad_variety":
         raise ConfigError(f"{source}: realiad_split {cfg['realiad_split']!r}: Real-IAD Variety has one split (mv)")
+    if cfg["dataset"] == "mulsen" and cfg["batch_size"] % 2:
+        raise ConfigError(f"{source}: batch_size {cfg['batch_size']} must be even for MulSen-AD: half RGB, half "
+                          "infrared images of the same objects")
     if cfg["warmup_iters"] >= cfg["total_iters"]:
         raise ConfigError(f"{source}: warmup_iters ({cfg['warmup_iters']}) must be below total_iters "
                           f"({cfg['total_iters']})")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from datasets import TestSet
 from .anomaly_map import anomaly_maps, image_scores
 from .metrics import METRIC_NAMES, class_metrics, mean_anomaly_detection, ranking_metrics
+from .modality_metrics import EMPTY, MODALITY_COLUMNS, has_both, modality_row
 
 TABLE_COLUMNS = METRIC_NAMES + ("mAD",)
 OBJECT_COLUMNS = ("O-AUROC", "O-AP", "O-F1max")  # multi-view sets (Dinomaly2): one score per object
@@ -78,11 +79,15 @@ def object_scores(outputs: ClassOutputs, dataset: TestSet, max_ratio: float) -> 
 
 def metrics_row(outputs: ClassOutputs, cfg: dict, dataset: Optional[TestSet] = None) -> dict[str, float]:
     """The seven metrics (and mAD) of one class; with a multi-view `dataset` (samples carrying an
-    object_id) the object-level O-AUROC, O-AP and O-F1max too."""
-    row = class_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks,
-                        cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])
-    row["mAD"] = mean_anomaly_detection(row)
-    if dataset is not None and dataset.samples[0].object_id is not None:
+    object_id) the object-level O-AUROC, O-AP and O-F1max too; with a multi-modal one (samples carrying
+    a modality: MulSen-AD) the row of utils/modality_metrics.py."""
+    if dataset is not None and dataset.samples[0].modality is not None:
+        row = modality_row(outputs, dataset.samples, cfg)
+    else:
+        row = class_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks,
+                            cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])
+        row["mAD"] = mean_anomaly_detection(row)
+    if dataset is not None and dataset.samples[0].object_id is not None and "O-AUROC" not in row:
         objects = ranking_metrics(*object_scores(outputs, dataset, cfg["max_ratio"]))
         row.update({"O-AUROC": objects["auroc"], "O-AP": objects["ap"], "O-F1max": objects["f1max"]})
     row["map_min"], row["map_max"] = float(outputs.maps.min()), float(outputs.maps.max())  # heatmap colour scale
@@ -90,7 +95,8 @@ def metrics_row(outputs: ClassOutputs, cfg: dict, dataset: Optional[TestSet] = N
 
 
 def defect_rows(outputs: ClassOutputs, dataset: TestSet) -> list[dict]:
-    """Image and pixel AUROC of each defect type against the normal images of its class."""
+    """Image and pixel AUROC of each defect type against the normal images of its class (NaN where
+    that defect's images have no anomalous label or pixel: MulSen-AD, a defect seen in one modality)."""
     defects = np.array([s.defect for s in dataset.samples])
     good = torch.from_numpy(defects == "good").to(outputs.labels.device)
     rows = []
@@ -98,10 +104,14 @@ def defect_rows(outputs: ClassOutputs, dataset: TestSet) -> list[dict]:
         keep = good | torch.from_numpy(defects == defect).to(good.device)
         rows.append({
             "class": dataset.samples[0].class_name, "defect": defect, "images": int(keep.sum() - good.sum()),
-            "I-AUROC": ranking_metrics(outputs.scores[keep], outputs.labels[keep])["auroc"],
-            "P-AUROC": ranking_metrics(outputs.maps[keep], outputs.masks[keep])["auroc"],
+            "I-AUROC": _auroc_or_nan(outputs.scores[keep], outputs.labels[keep]),
+            "P-AUROC": _auroc_or_nan(outputs.maps[keep], outputs.masks[keep]),
         })
     return rows
+
+
+def _auroc_or_nan(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    return ranking_metrics(scores, labels)["auroc"] if has_both(labels.bool()) else float("nan")
 
 
 @dataclass
@@ -135,21 +145,41 @@ def evaluate(model: torch.nn.Module, test_sets: dict[str, TestSet], cfg: dict, d
 
 
 def table_columns(rows: dict[str, dict[str, float]]) -> tuple[str, ...]:
-    """The seven metrics and mAD, then the object-level ones where every class has them."""
-    has_objects = rows and all(OBJECT_COLUMNS[0] in row for row in rows.values())
-    return TABLE_COLUMNS + (OBJECT_COLUMNS if has_objects else ())
+    """The seven metrics and mAD, then the object-level and per-modality ones where every class has them."""
+    extra = [c for c in (OBJECT_COLUMNS + MODALITY_COLUMNS) if rows and all(c in row for row in rows.values())]
+    return TABLE_COLUMNS + tuple(extra)
 
 
 def mean_row(rows: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([row[k] for row in rows.values()])) for k in table_columns(rows)}
+    """The mean over classes; rows that may hold empty cells (EMPTY) average the classes that have a value."""
+    mean = np.nanmean if any(EMPTY in row for row in rows.values()) else np.mean
+    return {k: _mean_of(mean, [row[k] for row in rows.values()]) for k in table_columns(rows)}
+
+
+def _mean_of(mean, values: list[float]) -> float:
+    return float("nan") if all(np.isnan(values)) else float(mean(values))
+
+
+def percent(value: float, digits: int) -> str:
+    """A fraction as a percentage; NaN (a metric its images cannot define) as an empty cell."""
+    return "" if np.isnan(value) else f"{100 * value:.{digits}f}"
+
+
+def empty_notes(rows: dict[str, dict[str, float]]) -> list[str]:
+    """Why cells are empty, one line per class that has some, and how the mean row treats them."""
+    notes = [f"- {name}: {row[EMPTY]}" for name, row in rows.items() if row.get(EMPTY)]
+    if notes:
+        notes = ["", "Empty cells (never 0): a metric its test images cannot define. The mean row averages the "
+                 "classes that have a value.", ""] + notes
+    return notes
 
 
 def format_markdown(rows: dict[str, dict[str, float]]) -> str:
     columns = table_columns(rows)
     lines = ["| class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row[k]:.2f}" for k in columns) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {name} | " + " | ".join(percent(row[k], 2) for k in columns) + " |")
+    return "\n".join(lines + empty_notes(rows)) + "\n"
 
 
 PAPER_PER_CLASS = Path(__file__).resolve().parents[1] / "configs" / "paper_per_class.yaml"
@@ -186,10 +216,10 @@ def write_tables(run_dir: Path, result: EvaluationResult, stem: str = "results",
     columns = table_columns(rows)
     csv = ["class," + ",".join(columns)]
     for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
-        csv.append(name + "," + ",".join(f"{100 * row[k]:.4f}" for k in columns))
+        csv.append(name + "," + ",".join(percent(row[k], 4) for k in columns))
     (run_dir / f"{stem}.csv").write_text("\n".join(csv) + "\n")
     (run_dir / f"{stem}.md").write_text(format_markdown(rows) + (format_paper_comparison(rows, paper) if paper else ""))
     defect_csv = ["class,defect,images,I-AUROC,P-AUROC"] + [
-        f"{d['class']},{d['defect']},{d['images']},{100 * d['I-AUROC']:.4f},{100 * d['P-AUROC']:.4f}"
+        f"{d['class']},{d['defect']},{d['images']},{percent(d['I-AUROC'], 4)},{percent(d['P-AUROC'], 4)}"
         for d in result.defects]
     (run_dir / f"{stem}_per_defect.csv").write_text("\n".join(defect_csv) + "\n")
