@@ -86,8 +86,8 @@ def read_labels(path: Path, names: list[str]) -> dict[str, ObjectLabels]:
         labels.append((Path(row[0].strip()).stem, ObjectLabels(*(int(v) for v in row[1:4]))))
     stems = {Path(name).stem: name for name in names}
     if len(labels) != len(names):
-        raise DatasetLayoutError(f"{path} has {len(labels)} rows but {path.parent.parent.parent / 'test' / path.parent.name} "
-                                 f"has {len(names)} objects")
+        test_dir = path.parents[2] / "test" / path.parent.name
+        raise DatasetLayoutError(f"{path} has {len(labels)} rows but {test_dir} has {len(names)} objects")
     if {key for key, _ in labels} == stems.keys():
         return {stems[key]: value for key, value in labels}
     return {name: value for name, (_, value) in zip(names, labels)}  # the released reading: by position

@@ -121,6 +121,9 @@ def test_batches_are_half_rgb_half_infrared_of_the_same_objects(mulsen_root):
     epoch = sorted(i for batch in batches[:3] for i in batch[:4])  # 12 objects, 4 per step: each once
     assert epoch == list(range(n))
     assert sampler(5) == batches[5:]  # a resumed run draws the same batches
+    ranks = [list(StepBatchSampler(len(paths), 8, 9, seed=3, rank=r, world_size=2, modalities=2)) for r in (0, 1)]
+    for batch, first, second in zip(batches, *ranks):  # each process: its objects' RGB, then their infrared
+        assert first[:2] + second[:2] == batch[:4] and first[2:] + second[2:] == batch[4:]
 
 
 def _outputs(samples, seed=0) -> ClassOutputs:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from datasets import TestSet
 from .anomaly_map import anomaly_maps, image_scores
 from .metrics import METRIC_NAMES, class_metrics, mean_anomaly_detection, ranking_metrics
-from .modality_metrics import EMPTY, MODALITY_COLUMNS, has_both, modality_row
+from .modality_metrics import EMPTY, MODALITY_COLUMNS, has_both, modality_row, objects_of
 
 TABLE_COLUMNS = METRIC_NAMES + ("mAD",)
 OBJECT_COLUMNS = ("O-AUROC", "O-AP", "O-F1max")  # multi-view sets (Dinomaly2): one score per object
@@ -69,11 +69,9 @@ def object_scores(outputs: ClassOutputs, dataset: TestSet, max_ratio: float) -> 
     """Per object (the samples sharing an object_id): the mean of the top `max_ratio` share of the pixels
     of all its views' maps pooled (not a mean or max of the view scores), and its label, anomalous when
     any of its views is (Dinomaly2's object-level protocol)."""
-    views: dict[str, list[int]] = {}
-    for index, sample in enumerate(dataset.samples):
-        views.setdefault(sample.object_id, []).append(index)
-    scores = [image_scores(outputs.maps[indices].reshape(1, -1), max_ratio)[0] for indices in views.values()]
-    labels = [outputs.labels[indices].max() for indices in views.values()]
+    views = objects_of(dataset.samples)
+    scores = [image_scores(outputs.maps[indices].reshape(1, -1), max_ratio)[0] for indices in views]
+    labels = [outputs.labels[indices].max() for indices in views]
     return torch.stack(scores), torch.stack(labels)
 
 
@@ -87,9 +85,9 @@ def metrics_row(outputs: ClassOutputs, cfg: dict, dataset: Optional[TestSet] = N
         row = class_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks,
                             cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])
         row["mAD"] = mean_anomaly_detection(row)
-    if dataset is not None and dataset.samples[0].object_id is not None and "O-AUROC" not in row:
-        objects = ranking_metrics(*object_scores(outputs, dataset, cfg["max_ratio"]))
-        row.update({"O-AUROC": objects["auroc"], "O-AP": objects["ap"], "O-F1max": objects["f1max"]})
+        if dataset is not None and dataset.samples[0].object_id is not None:
+            objects = ranking_metrics(*object_scores(outputs, dataset, cfg["max_ratio"]))
+            row.update({"O-AUROC": objects["auroc"], "O-AP": objects["ap"], "O-F1max": objects["f1max"]})
     row["map_min"], row["map_max"] = float(outputs.maps.min()), float(outputs.maps.max())  # heatmap colour scale
     return row
 

@@ -30,14 +30,19 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor, cfg: dict) -> dict[st
             "AUPRO": aupro(maps, masks, cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])}
 
 
-def object_sums(scores: torch.Tensor, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per object, in order of first appearance: the sum of its images' scores and its object_label."""
+def objects_of(samples: list) -> list[list[int]]:
+    """The indices of each object's samples (those sharing an object_id), objects in order of appearance."""
     members: dict[str, list[int]] = {}
     for index, sample in enumerate(samples):
         members.setdefault(sample.object_id, []).append(index)
-    sums = torch.stack([scores[indices].sum() for indices in members.values()])
-    labels = torch.tensor([samples[indices[0]].object_label for indices in members.values()])
-    return sums, labels
+    return list(members.values())
+
+
+def object_sums(scores: torch.Tensor, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per object: the sum of its images' scores and its object_label."""
+    objects = objects_of(samples)
+    return (torch.stack([scores[indices].sum() for indices in objects]),
+            torch.tensor([samples[indices[0]].object_label for indices in objects]))
 
 
 def modality_row(outputs, samples: list, cfg: dict) -> dict:
