@@ -55,7 +55,7 @@ def modality_row(outputs, samples: list, cfg: dict) -> dict:
                     "image_threshold": image["f1_threshold"]})
     else:
         row.update(dict.fromkeys(("I-AUROC", "I-AP", "I-F1max", "image_threshold"), nan))
-        empty.append(f"I-*: every RGB and infrared image is {'anomalous' if labels.all() else 'normal'}")
+        empty.append(f"I-*, mAD: every RGB and infrared image is {'anomalous' if labels.all() else 'normal'}")
     if outputs.masks.any():
         row.update(pixel_metrics(outputs.maps, outputs.masks, cfg))
     else:
