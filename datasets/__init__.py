@@ -1,11 +1,13 @@
-"""Datasets chosen by the config's `dataset` key; all but the Real-IAD pair use the MVTec AD folder layout."""
+"""Datasets chosen by the config's `dataset` key; all but the Real-IAD pair and MVTec 3D-AD use the MVTec AD
+folder layout."""
 from collections import Counter
 from pathlib import Path
 
 from models import input_normalization
-from . import folder, manta, realiad
+from . import folder, manta, mvtec3d, realiad
 from .fewshot import choose_shots, read_shot_list
-from .folder import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image
+from .folder import (IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image,
+                     read_rgb)
 
 CLASSES = {
     "mvtec": ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
@@ -19,6 +21,7 @@ CLASSES = {
     "unimedical": ["BraTS2021", "LIVER", "RESC"],
     "realiad": realiad.CLASSES,
     "manta": manta.CLASSES,
+    "mvtec3d": mvtec3d.CLASSES,
 }
 REALIAD_STYLE = ("realiad", "realiad_variety")  # JSON-listed: datasets/realiad.py
 
@@ -46,12 +49,20 @@ def dataset_classes(cfg: dict) -> list[str]:
     return found
 
 
+def sample_reader(cfg: dict):
+    """What a sample's file gives the model: an RGB image, or for MVTec 3D-AD the RGB image blacked out off
+    the object and, with modality rgbd, its depth rendering."""
+    return mvtec3d.RGBDReader(cfg["modality"]) if cfg["dataset"] == "mvtec3d" else read_rgb
+
+
 def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
     root = Path(cfg["data_path"])
     if cfg["dataset"] in REALIAD_STYLE:
         images = {name: realiad.train_images(root, name, realiad.layout(cfg)) for name in class_names}
     elif cfg["dataset"] == "manta":
         images = {name: manta.train_images(root, name) for name in class_names}
+    elif cfg["dataset"] == "mvtec3d":
+        images = {name: mvtec3d.train_images(root, name) for name in class_names}
     else:
         images = {name: folder.train_images(root, name) for name in class_names}
     if cfg["shot_list"]:
@@ -59,7 +70,7 @@ def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
     elif cfg["shots"]:
         images = choose_shots(images, cfg["shots"], cfg["seed"])
     return TrainSet(images, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), cfg["train_augment"],
-                    views=manta.VIEWS if cfg["dataset"] == "manta" else 1)
+                    views=manta.VIEWS if cfg["dataset"] == "manta" else 1, read=sample_reader(cfg))
 
 
 def build_test_set(cfg: dict, class_name: str) -> TestSet:
@@ -68,9 +79,11 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
         samples = realiad.list_test_samples(root, class_name, realiad.layout(cfg))
     elif cfg["dataset"] == "manta":
         samples = manta.list_test_samples(root, class_name)
+    elif cfg["dataset"] == "mvtec3d":
+        samples = mvtec3d.list_test_samples(root, class_name)
     else:
         samples = folder.list_test_samples(root, class_name)
-    return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg))
+    return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), read=sample_reader(cfg))
 
 
 def load_data(cfg: dict, class_names: list[str]) -> tuple[TrainSet, dict[str, TestSet]]:
@@ -97,4 +110,4 @@ def count_lines(train_set: TrainSet, test_sets: dict[str, TestSet]) -> list[str]
 
 __all__ = ["CLASSES", "IMG_EXTENSIONS", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
            "build_train_set", "class_folder", "check_files", "count_lines", "dataset_classes", "load_data",
-           "load_image"]
+           "load_image", "sample_reader"]

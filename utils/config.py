@@ -55,7 +55,9 @@ DEFAULTS: dict[str, Any] = load_yaml(BASE_CONFIG)
 SCHEMA: dict[str, Any] = {key: TYPE_OVERRIDES.get(key) or _infer_type(key, value) for key, value in DEFAULTS.items()}
 
 CHOICES = {
-    "dataset": ("mvtec", "visa", "mpdd", "btad", "miad", "unimedical", "realiad", "realiad_variety", "manta", "folder"),
+    "dataset": ("mvtec", "visa", "mpdd", "btad", "miad", "unimedical", "realiad", "realiad_variety", "manta", "mvtec3d",
+                "folder"),
+    "modality": ("rgb", "rgbd"),
     "attention": ("linear", "softmax", "conv"),
     "sampler": ("uniform", "class_balanced"),
     "check_images": ("full", "header"),
@@ -77,6 +79,7 @@ NON_NEGATIVE = ("num_workers", "warmup_iters", "final_lr", "weight_decay", "eps"
                 "eval_every", "attn_eps", "feature_jitter", "neighbor_mask", "max_ratio", "map_sigma", "ckpt_every", "shots",
                 "spike_factor")
 UNIT_INTERVAL = ("dropout", "hm_p_final", "gt_threshold", "aupro_fpr_limit")
+CLOSED_UNIT_INTERVAL = ("rgb_ratio",)
 
 
 
@@ -135,6 +138,8 @@ def _check(cfg: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {value}")
         if key in UNIT_INTERVAL and not 0 <= value < 1:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {value}")
+        if key in CLOSED_UNIT_INTERVAL and not 0 <= value <= 1:
+            raise ConfigError(f"{source}: '{key}' must be in [0, 1], got {value}")
 
 
 def fill_defaults(cfg: dict[str, Any], source: str, note: Callable[[str], None] = print) -> dict[str, Any]:
@@ -166,9 +171,16 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
                                                                               "every step: use cache_features none"),
                             *((key, cfg["dataset"] != "manta", "cannot cache MANTA-Tiny: a training image is a view "
                                "drawn at random from its file at every read") for key in ("image_cache", "cache_features")),
-                            ("realiad_images", cfg["dataset"] in ("realiad", "realiad_variety"), "needs a Real-IAD dataset")):
+                            ("realiad_images", cfg["dataset"] in ("realiad", "realiad_variety"), "needs a Real-IAD dataset"),
+                            ("train_augment", cfg["modality"] == "rgb", "draws crops and turns per image, so RGB and "
+                             "depth would disagree: use train_augment none with modality rgbd"),
+                            ("image_cache", cfg["dataset"] != "mvtec3d", "cannot cache MVTec 3D-AD: its depth rendering "
+                             "and masking happen before the resize (cache_features works)")):
         if cfg[key] not in (None, False, "none") and not needs:
             raise ConfigError(f"{source}: {key} {cfg[key]!r} {why}")
+    if cfg["modality"] == "rgbd" and cfg["dataset"] != "mvtec3d":
+        raise ConfigError(f"{source}: modality rgbd needs dataset mvtec3d (RGB images with depth maps), "
+                          f"got dataset {cfg['dataset']}")
     if cfg["realiad_split"] != "mv" and cfg["dataset"] == "realiad_variety":
         raise ConfigError(f"{source}: realiad_split {cfg['realiad_split']!r}: Real-IAD Variety has one split (mv)")
     if cfg["warmup_iters"] >= cfg["total_iters"]:
