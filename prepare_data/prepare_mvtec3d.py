@@ -92,6 +92,14 @@ def plane_from_points(points: np.ndarray) -> np.ndarray:
     return np.concatenate([n, -(n * centroid).sum(-1, keepdims=True)], -1)
 
 
+def early_stop(fitness: float) -> float:
+    """Open3D's bound on the draws needed at this inlier share. log1p keeps it finite where fitness^50
+    rounds 1 - fitness^50 to 1 (fitness below about 0.48; a border frame is mostly plane): there Open3D's
+    log(1 - x) is 0 and its bound -inf, here the draws simply continue to 1,000."""
+    share = fitness ** PLANE_POINTS
+    return math.log(1 - RANSAC_CONFIDENCE) / math.log1p(-share) if share > 0 else math.inf
+
+
 def fit_plane(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Open3D's segment_plane(0.004, 50, 1000) with numpy draws: each draw fits PLANE_POINTS distinct points;
     the best plane has the most inliers (distance < threshold), a tie going to the lower sum(dist)/sqrt(count);
@@ -118,8 +126,7 @@ def fit_plane(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             if count > best_count or (count == best_count and error < best_error):
                 best_count, best_error, best_plane = count, error, planes[it]
                 fitness = count / len(points)
-                limit = start + it + 1 if fitness >= 1.0 else min(
-                    limit, math.log(1 - RANSAC_CONFIDENCE) / math.log(1 - fitness ** PLANE_POINTS))
+                limit = start + it + 1 if fitness >= 1.0 else min(limit, early_stop(fitness))
     inliers = np.abs(homogeneous @ best_plane) < PLANE_FIT_DISTANCE
     return plane_from_points(points[inliers])
 
