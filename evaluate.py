@@ -54,7 +54,7 @@ def map_saver(out_dir: Path, count: int, cfg: dict):
         vmin, vmax = float(outputs.maps.min()), float(outputs.maps.max())
         for i in np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)):
             sample = dataset.samples[i]
-            rgb = to_display_image(dataset[i][0], cfg["map_size"], *input_normalization(cfg))
+            rgb = to_display_image(dataset[i][0][:3], cfg["map_size"], *input_normalization(cfg))  # RGB of RGB-D
             title = f"{sample.defect}/{sample.image.name}  score {float(outputs.scores[i]):.4f}"
             view = "" if sample.view is None else f"_view{sample.view}"
             save_panel(out_dir / "maps" / class_folder(name) / f"{sample.defect}_{sample.image.stem}{view}.png", rgb,

@@ -211,6 +211,9 @@ def main(argv: list[str]) -> None:
     for path in paths:  # every mistake is found before anything is exported
         checkpoint = load_checkpoint(path)
         cfg = validate({**checkpoint["config"], **collect_overrides(args, EXPORT_KEYS)}, f"config saved in {path}")
+        if cfg["dataset"] == "mvtec3d":
+            raise ConfigError(f"{path}: exporting an MVTec 3D-AD run is not supported (the graph would need the depth "
+                              "rendering and the masking by depth); score it with predict.py")
         check_encoder_weights(cfg["encoder"], cfg["encoder_weights"], cfg["weights_dir"])
         jobs.append((checkpoint, cfg, out if len(paths) == 1 else out / f"{path.parent.name}.onnx"))
     with torch.no_grad():

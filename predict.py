@@ -3,6 +3,9 @@
     python predict.py --checkpoint runs/mvtec_uni_.../checkpoint.pth --images new_parts/ --out predictions
     python predict.py ... --threshold f1 --class_name bottle   # normal/anomalous by the stored F1-max threshold
     python predict.py ... --threshold 0.042                    # or by a value of the image score
+    python predict.py --checkpoint runs/mvtec3d_.../checkpoint.pth --images ../mvtec_3d_dinomaly/bagel/test --out p
+                      # an MVTec 3D-AD run reads every rgb/<name>.png with its z/<name>.tiff (a prepared class
+                      # folder, or any folder of rgb/ + z/ pairs)
 
 Writes <out>/scores.csv (file, score[, anomalous]) and <out>/heatmaps/*.png (image | heatmap). Files
 that cannot be read are listed; if no image could be processed the exit status is non-zero.
@@ -14,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from datasets import DatasetLayoutError, load_image
+from datasets import DatasetLayoutError, sample_reader
+from datasets.folder import to_input
 from datasets.transforms import image_transform
 from models import input_normalization
 from predict_onnx import UserError, find_images, output_name, pick_colour_scale, pick_threshold, write_scores
@@ -41,6 +45,19 @@ def colour_scale(checkpoint: dict, class_name: Optional[str]) -> Optional[tuple[
     return pick_colour_scale(class_name, {name: (row["map_min"], row["map_max"]) for name, row in results.items()})
 
 
+def find_inputs(root: Path, cfg: dict) -> list[Path]:
+    """The images under `root`; for an MVTec 3D-AD run the PNGs of rgb/ folders (each read with the
+    z/<name>.tiff beside its folder)."""
+    paths = find_inputs(root, cfg)
+    if cfg["dataset"] != "mvtec3d":
+        return paths
+    paths = [p for p in paths if p.parent.name == "rgb" and p.suffix.lower() == ".png"]
+    if not paths:
+        raise UserError(f"no rgb/<name>.png images under {root}: an MVTec 3D-AD run reads rgb/ + z/ pairs "
+                        "(a class folder of prepare_data/prepare_mvtec3d.py's tree)")
+    return paths
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -57,11 +74,12 @@ def main(argv: list[str]) -> int:
     cfg = validate({**checkpoint["config"], **collect_overrides(args, PREDICT_KEYS)}, "checkpoint config + command line")
     threshold = resolve_threshold(args.threshold, args.class_name, checkpoint)
     root = Path(args.images)
-    paths = find_images(root)
+    paths = find_inputs(root, cfg)
     device = resolve_device(cfg["device"])
     model = model_from_checkpoint(checkpoint, cfg).to(device).eval()
     normalization = input_normalization(cfg)
     transform = image_transform(cfg["image_size"], cfg["crop_size"], *normalization)
+    read = sample_reader(cfg)
     scale = colour_scale(checkpoint, args.class_name)
     out = output_folder(args.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +89,7 @@ def main(argv: list[str]) -> int:
         batch, tensors = [], []
         for path in paths[start:start + cfg["batch_size"]]:
             try:
-                tensors.append(transform(load_image(path)))
+                tensors.append(to_input(transform, read(path)))
                 batch.append(path)
             except DatasetLayoutError as error:
                 failed.append((path, str(error)))
@@ -84,7 +102,7 @@ def main(argv: list[str]) -> int:
             if not args.no_heatmaps:
                 vmin, vmax = scale or (float(amap.min()), float(amap.max()))
                 verdict = "" if threshold is None else ("  ANOMALOUS" if score >= threshold else "  normal")
-                display = to_display_image(image, cfg["map_size"], *normalization)
+                display = to_display_image(image[:3], cfg["map_size"], *normalization)  # RGB of RGB-D
                 save_panel(out / "heatmaps" / output_name(path, root), display,
                            amap, vmin, vmax, title=f"{path.name}  score {score:.4f}{verdict}")
 

@@ -1,12 +1,13 @@
-"""Datasets chosen by the config's `dataset` key; all but the Real-IAD pair and MulSen-AD use the MVTec AD
+"""Datasets chosen by the config's `dataset` key; all but the Real-IAD pair, MulSen-AD and MVTec 3D-AD use the MVTec AD
 folder layout."""
 from collections import Counter
 from pathlib import Path
 
 from models import input_normalization
-from . import folder, manta, mulsen, realiad
+from . import folder, manta, mulsen, mvtec3d, realiad
 from .fewshot import choose_shots, read_shot_list
-from .folder import IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image
+from .folder import (IMG_EXTENSIONS, DatasetLayoutError, TestSample, TestSet, TrainSet, check_files, load_image,
+                     read_rgb)
 
 CLASSES = {
     "mvtec": ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
@@ -21,6 +22,7 @@ CLASSES = {
     "realiad": realiad.CLASSES,
     "manta": manta.CLASSES,
     "mulsen": mulsen.CLASSES,
+    "mvtec3d": mvtec3d.CLASSES,
 }
 REALIAD_STYLE = ("realiad", "realiad_variety")  # JSON-listed: datasets/realiad.py
 
@@ -48,14 +50,21 @@ def dataset_classes(cfg: dict) -> list[str]:
     return found
 
 
+def sample_reader(cfg: dict):
+    """What a sample's file gives the model: an RGB image, or for MVTec 3D-AD the RGB image blacked out off
+    the object and, with modality rgbd, its depth rendering."""
+    return mvtec3d.RGBDReader(cfg["modality"]) if cfg["dataset"] == "mvtec3d" else read_rgb
+
+
 def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
     root = Path(cfg["data_path"])
     if cfg["dataset"] in REALIAD_STYLE:
         images = {name: realiad.train_images(root, name, realiad.layout(cfg)) for name in class_names}
     elif cfg["dataset"] == "manta":
         images = {name: manta.train_images(root, name) for name in class_names}
-    elif cfg["dataset"] == "mulsen":  # each object's RGB and infrared image, one after the other
-        images = {name: [p for pair in mulsen.train_pairs(root, name) for p in pair] for name in class_names}
+                    views=manta.VIEWS if cfg["dataset"] == "manta" else 1,
+                    modalities=len(mulsen.MODALITIES) if cfg["dataset"] == "mulsen" else 1,
+                    read=sample_reader(cfg))
     else:
         images = {name: folder.train_images(root, name) for name in class_names}
     if cfg["shot_list"]:
@@ -65,6 +74,7 @@ def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
     return TrainSet(images, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), cfg["train_augment"],
                     views=manta.VIEWS if cfg["dataset"] == "manta" else 1,
                     modalities=len(mulsen.MODALITIES) if cfg["dataset"] == "mulsen" else 1)
+                    views=manta.VIEWS if cfg["dataset"] == "manta" else 1, read=sample_reader(cfg))
 
 
 def build_test_set(cfg: dict, class_name: str) -> TestSet:
@@ -75,9 +85,11 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
         samples = manta.list_test_samples(root, class_name)
     elif cfg["dataset"] == "mulsen":
         samples = mulsen.list_test_samples(root, class_name)
+    elif cfg["dataset"] == "mvtec3d":
+        samples = mvtec3d.list_test_samples(root, class_name)
     else:
         samples = folder.list_test_samples(root, class_name)
-    return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg))
+    return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), read=sample_reader(cfg))
 
 
 def load_data(cfg: dict, class_names: list[str]) -> tuple[TrainSet, dict[str, TestSet]]:
@@ -104,4 +116,4 @@ def count_lines(train_set: TrainSet, test_sets: dict[str, TestSet]) -> list[str]
 
 __all__ = ["CLASSES", "IMG_EXTENSIONS", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
            "build_train_set", "class_folder", "check_files", "count_lines", "dataset_classes", "load_data",
-           "load_image"]
+           "load_image", "sample_reader"]

@@ -79,6 +79,17 @@ def load_image(path: Path, mode: str = "RGB") -> Image.Image:
         raise ImageReadError(f"cannot decode image {path}: {error}") from None
 
 
+def read_rgb(path: Path) -> list[Image.Image]:
+    """The images a sample's file gives the model: here one RGB image (datasets/mvtec3d.py reads RGB-D)."""
+    return [load_image(path)]
+
+
+def to_input(transform: Callable, images: list[Image.Image]) -> torch.Tensor:
+    """Each of a sample's images transformed, stacked on the channel axis (3 channels per image)."""
+    tensors = [transform(image) for image in images]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def crop_view(image: Image.Image, view: int) -> Image.Image:
     """View number `view` of a file holding VIEW_WIDTH-pixel views side by side (MANTA-Tiny)."""
     return image.crop((view * VIEW_WIDTH, 0, (view + 1) * VIEW_WIDTH, image.height))
@@ -180,11 +191,13 @@ class TrainSet(Dataset):
     them drawn at random (torch's RNG), as the released loader trains on them.
     With `modalities` m > 1 each class lists every object's m images one after the other (MulSen-AD:
     RGB, infrared); samples are then ordered modality by modality, so that sample o + k * n is image k of
-    object o of n (what StepBatchSampler's `modalities` relies on)."""
+    object o of n (what StepBatchSampler's `modalities` relies on). `read` turns a file into the images of
+    one sample (read_rgb; an RGB image and its depth rendering for MVTec 3D-AD)."""
 
     def __init__(self, images_by_class: dict[str, list[Path]], image_size: int, crop_size: int,
                  mean: Sequence[float], std: Sequence[float], augment: str = "none", views: int = 1,
-                 modalities: int = 1):
+                 modalities: int = 1, read: Callable[[Path], list[Image.Image]] = read_rgb):
+        self.read = read
         self.class_names = list(images_by_class)
         listed = [(path, i) for i, name in enumerate(self.class_names) for path in images_by_class[name]]
         self.samples = [sample for k in range(modalities) for sample in listed[k::modalities]]
@@ -211,10 +224,11 @@ class TrainSet(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if self.cache is not None:
             return self.transform(np.array(self.cache[index])), index  # a copy: the cache may be read-only
-        image = load_image(self.samples[index][0])
+        images = self.read(self.samples[index][0])
         if self.views > 1:
-            image = crop_view(image, int(torch.randint(self.views, ())))
-        return self.transform(image), index
+            view = int(torch.randint(self.views, ()))
+            images = [crop_view(image, view) for image in images]
+        return to_input(self.transform, images), index
 
 
 class TestSet(Dataset):
@@ -223,7 +237,8 @@ class TestSet(Dataset):
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, samples: list[TestSample], image_size: int, crop_size: int, mean: Sequence[float],
-                 std: Sequence[float]):
+                 std: Sequence[float], read: Callable[[Path], list[Image.Image]] = read_rgb):
+        self.read = read
         self.samples = samples
         self.crop_size = crop_size
         self.transform = image_transform(image_size, crop_size, mean, std)
@@ -234,7 +249,8 @@ class TestSet(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         sample = self.samples[index]
-        image = load_image(sample.image)
+        images = self.read(sample.image)
+        image = images[0]
         if sample.mask is None:
             mask = torch.zeros(1, self.crop_size, self.crop_size)
         else:
@@ -244,5 +260,5 @@ class TestSet(Dataset):
                                    f"{sample.image} is {image.size[0]}x{image.size[1]}")
             mask = self.mask_transform(mask_image if sample.view is None else crop_view(mask_image, sample.view))
         if sample.view is not None:
-            image = crop_view(image, sample.view)
-        return self.transform(image), mask, sample.label, index
+            images = [crop_view(image, sample.view) for image in images]
+        return to_input(self.transform, images), mask, sample.label, index

@@ -4,7 +4,8 @@ The decoder reconstructs two groups of encoder layers; the cosine distance betwe
 the decoder's group features is the anomaly map. The paper's variants are switches of this file, off
 in the recipe: feature jitter in the bottleneck, softmax attention or a ConvBlock as the decoder's
 spatial mixer, and UniAD's neighbour mask for either attention. So are Dinomaly2's model changes
-(RECIPE_V2): Context-Aware Recentering of the encoder targets and the two-stage bottleneck.
+(RECIPE_V2): Context-Aware Recentering of the encoder targets, the two-stage bottleneck, and the RGB-D
+modality (MVTec 3D-AD), where the frozen encoder's layers of an RGB image and its depth rendering are blended.
 """
 import math
 from functools import partial
@@ -176,8 +177,9 @@ class Dinomaly(nn.Module):
                  fuse_layer_encoder: Sequence[Sequence[int]], fuse_layer_decoder: Sequence[Sequence[int]],
                  decoder_depth: int, dropout: float, attention: str, attn_eps: float, feature_jitter: float,
                  neighbor_mask: int, conv_kernel: int, fuse_mode: str, recenter: bool,
-                 bottleneck: str, bottleneck_width: int):
+                 bottleneck: str, bottleneck_width: int, modality: str = "rgb", rgb_ratio: float = 0.5):
         super().__init__()
+        self.modality, self.rgb_ratio = modality, rgb_ratio
         if sorted(target_layers) != list(target_layers) or target_layers[-1] >= len(encoder.blocks):
             raise ValueError(f"target_layers {list(target_layers)} must be increasing block indices "
                              f"below the encoder depth {len(encoder.blocks)}")
@@ -223,7 +225,8 @@ class Dinomaly(nn.Module):
                    dropout=cfg["dropout"], attention=cfg["attention"], attn_eps=cfg["attn_eps"],
                    feature_jitter=cfg["feature_jitter"], neighbor_mask=cfg["neighbor_mask"],
                    conv_kernel=cfg["conv_kernel"], fuse_mode=cfg["fuse_mode"], recenter=cfg["recenter"],
-                   bottleneck=cfg["bottleneck"], bottleneck_width=cfg["bottleneck_width"])
+                   bottleneck=cfg["bottleneck"], bottleneck_width=cfg["bottleneck_width"], modality=cfg["modality"],
+                   rgb_ratio=cfg["rgb_ratio"])
 
     def train(self, mode: bool = True) -> "Dinomaly":
         super().train(mode)
@@ -243,16 +246,33 @@ class Dinomaly(nn.Module):
         """The frozen half: (bottleneck input B x T x C, encoder group maps B x C x h x w each).
 
         Blocks past the last target layer never run. Both outputs depend only on the image, so they
-        can be cached (--cache_features)."""
-        x, pos = self.encoder.prepare_tokens(images)
+        can be cached (--cache_features). With modality rgbd, `images` are B x 6 (RGB, depth rendering)."""
+        x, pos = self.encoder.prepare_tokens(self._modalities_as_batch(images))
         layers = []
         for i, block in enumerate(self.encoder.blocks[: self.target_layers[-1] + 1]):
             x = block(x, pos)
             if i in self.target_layers:
-                layers.append(x)
+                layers.append(self._blend(x))
         grid = (images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size)
         groups = [self._target(self._fuse([layers[i] for i in group])) for group in self.fuse_layer_encoder]
         return _mean(layers), [self._to_map(g, grid, 0) for g in groups]
+
+    def _modalities_as_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB-D (Dinomaly2's DinomalyRGBD): B x 6 -> 2B x 3, the RGB images then their depth renderings,
+        so that one frozen pass encodes both."""
+        if self.modality == "rgb":
+            return images
+        if images.shape[1] != 6:
+            raise ValueError(f"modality rgbd takes B x 6 images (RGB, depth rendering), got {tuple(images.shape)}")
+        return torch.cat([images[:, :3], images[:, 3:]], dim=0)
+
+    def _blend(self, layer: torch.Tensor) -> torch.Tensor:
+        """RGB-D: every token of a target layer as rgb_ratio x RGB + (1 - rgb_ratio) x depth; everything after
+        (groups, recentering, bottleneck, decoder) sees only the blend."""
+        if self.modality == "rgb":
+            return layer
+        rgb, depth = layer.chunk(2, dim=0)
+        return self.rgb_ratio * rgb + (1 - self.rgb_ratio) * depth
 
     def _target(self, group: torch.Tensor) -> torch.Tensor:
         """A group's patch tokens; with `recenter` (Dinomaly2's Context-Aware Recentering) minus the group's

@@ -95,6 +95,53 @@ def make_dataset(out_dir: str, num_classes: int = 3, num_train: int = 40, num_te
     return classes
 
 
+def rgbd_sample(size: int, shift: tuple[int, int], rng: np.random.Generator,
+                defect: str = "good") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(RGB, z, mask) of a prepared MVTec 3D-AD sample: a dome (z 0.6 m at the rim, nearer at the top) on a 0
+    background, shifted by `shift` px, under one fixed RGB pattern that moves with it. A `bump` or `dent`
+    changes only z: the RGB image is that of a normal sample with the same shift."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    cy, cx = size / 2 + shift[0], size / 2 + shift[1]
+    radius = 0.35 * size
+    distance = np.hypot(yy - cy, xx - cx) / radius
+    inside = distance < 1
+    z = np.where(inside, 0.6 - rng.uniform(0.018, 0.022) * np.sqrt(np.clip(1 - distance ** 2, 0, 1)), 0)
+    pattern = 128 + 60 * np.sin((xx - cx) / 3) * np.cos((yy - cy) / 4)
+    rgb = np.stack([pattern, 255 - pattern, np.full_like(pattern, 90)], -1).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    if defect != "good":
+        angle, r = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.5 * radius)
+        by, bx = cy + r * np.sin(angle), cx + r * np.cos(angle)
+        blob = np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * (size / 16) ** 2))
+        z = np.where(inside, z + (-1 if defect == "bump" else 1) * 0.01 * blob, 0)
+        mask[blob > 0.5] = 255
+    return rgb, z.astype(np.float32), mask
+
+
+def make_rgbd_dataset(out_dir: str, num_train: int = 16, num_test_good: int = 8, num_test_defect: int = 4,
+                      size: int = 64, seed: int = 0, class_name: str = "dome") -> None:
+    """One class in the tree prepare_data/prepare_mvtec3d.py writes (rgb/, z/, gt/), its defects in depth only.
+    The k-th defective test image has the shift, hence the RGB image, of the k-th normal test image (cycling
+    when there are more defective ones): with 2 x num_test_defect <= num_test_good no RGB-only model can
+    rank the defective images above the normal ones."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    root = Path(out_dir) / class_name
+    shifts = [tuple(rng.integers(-2, 3, 2)) for _ in range(num_train + num_test_good)]
+    jobs = [("train", "good", i, shifts[i]) for i in range(num_train)]
+    jobs += [("test", "good", i, shifts[num_train + i]) for i in range(num_test_good)]
+    jobs += [("test", defect, i, shifts[num_train + (k * num_test_defect + i) % num_test_good])
+             for k, defect in enumerate(("bump", "dent")) for i in range(num_test_defect)]
+    for split, defect, i, shift in jobs:
+        rgb, z, mask = rgbd_sample(size, shift, rng, defect)
+        folder = root / split / defect
+        _write(folder / "rgb" / f"{i:03d}.png", rgb)
+        (folder / "z").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(z).save(folder / "z" / f"{i:03d}.tiff")
+        if defect != "good":
+            _write(folder / "gt" / f"{i:03d}.png", mask)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
@@ -104,7 +151,13 @@ def main() -> None:
     parser.add_argument("--test_defect", type=int, default=5, help="test images per defect type and class")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rgbd", action="store_true", help="one RGB-D class in the prepared MVTec 3D-AD tree instead, "
+                        "its defects (bumps, dents) in depth only")
     args = parser.parse_args()
+    if args.rgbd:
+        make_rgbd_dataset(args.out_dir, args.train, args.test_good, args.test_defect, args.size, args.seed)
+        print(f"wrote one RGB-D class (dome) to {args.out_dir}")
+        return
     classes = make_dataset(args.out_dir, args.classes, args.train, args.test_good, args.test_defect, args.size,
                            args.seed)
     print(f"wrote {len(classes)} classes ({', '.join(classes)}) to {args.out_dir}")

@@ -56,7 +56,8 @@ SCHEMA: dict[str, Any] = {key: TYPE_OVERRIDES.get(key) or _infer_type(key, value
 
 CHOICES = {
     "dataset": ("mvtec", "visa", "mpdd", "btad", "miad", "unimedical", "realiad", "realiad_variety", "manta", "mulsen",
-                "folder"),
+                "mvtec3d", "folder"),
+    "modality": ("rgb", "rgbd"),
     "attention": ("linear", "softmax", "conv"),
     "sampler": ("uniform", "class_balanced"),
     "check_images": ("full", "header"),
@@ -78,6 +79,7 @@ NON_NEGATIVE = ("num_workers", "warmup_iters", "final_lr", "weight_decay", "eps"
                 "eval_every", "attn_eps", "feature_jitter", "neighbor_mask", "max_ratio", "map_sigma", "ckpt_every", "shots",
                 "spike_factor")
 UNIT_INTERVAL = ("dropout", "hm_p_final", "gt_threshold", "aupro_fpr_limit")
+CLOSED_UNIT_INTERVAL = ("rgb_ratio",)
 
 
 
@@ -136,6 +138,8 @@ def _check(cfg: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {value}")
         if key in UNIT_INTERVAL and not 0 <= value < 1:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {value}")
+        if key in CLOSED_UNIT_INTERVAL and not 0 <= value <= 1:
+            raise ConfigError(f"{source}: '{key}' must be in [0, 1], got {value}")
 
 
 def fill_defaults(cfg: dict[str, Any], source: str, note: Callable[[str], None] = print) -> dict[str, Any]:
@@ -169,9 +173,16 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
                                "drawn at random from its file at every read") for key in ("image_cache", "cache_features")),
                             ("realiad_images", cfg["dataset"] in ("realiad", "realiad_variety"), "needs a Real-IAD dataset"),
                             *((key, cfg["dataset"] != "mulsen", "draws single images; MulSen-AD trains on RGB-infrared "
-                               "pairs") for key in ("shots", "shot_list"))):
+                               "pairs") for key in ("shots", "shot_list")),
+                            ("train_augment", cfg["modality"] == "rgb", "draws crops and turns per image, so RGB and "
+                             "depth would disagree: use train_augment none with modality rgbd"),
+                            ("image_cache", cfg["dataset"] != "mvtec3d", "cannot cache MVTec 3D-AD: its depth rendering "
+                             "and masking happen before the resize (cache_features works)")):
         if cfg[key] not in (None, False, "none") and not needs:
             raise ConfigError(f"{source}: {key} {cfg[key]!r} {why}")
+    if cfg["modality"] == "rgbd" and cfg["dataset"] != "mvtec3d":
+        raise ConfigError(f"{source}: modality rgbd needs dataset mvtec3d (RGB images with depth maps), "
+                          f"got dataset {cfg['dataset']}")
     if cfg["realiad_split"] != "mv" and cfg["dataset"] == "realiad_variety":
         raise ConfigError(f"{source}: realiad_split {cfg['realiad_split']!r}: Real-IAD Variety has one split (mv)")
     if cfg["dataset"] == "mulsen" and cfg["batch_size"] % 2:
