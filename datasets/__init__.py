@@ -62,9 +62,10 @@ def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
         images = {name: realiad.train_images(root, name, realiad.layout(cfg)) for name in class_names}
     elif cfg["dataset"] == "manta":
         images = {name: manta.train_images(root, name) for name in class_names}
-                    views=manta.VIEWS if cfg["dataset"] == "manta" else 1,
-                    modalities=len(mulsen.MODALITIES) if cfg["dataset"] == "mulsen" else 1,
-                    read=sample_reader(cfg))
+    elif cfg["dataset"] == "mulsen":  # each object's RGB and infrared image, one after the other
+        images = {name: [p for pair in mulsen.train_pairs(root, name) for p in pair] for name in class_names}
+    elif cfg["dataset"] == "mvtec3d":
+        images = {name: mvtec3d.train_images(root, name) for name in class_names}
     else:
         images = {name: folder.train_images(root, name) for name in class_names}
     if cfg["shot_list"]:
@@ -73,8 +74,7 @@ def build_train_set(cfg: dict, class_names: list[str]) -> TrainSet:
         images = choose_shots(images, cfg["shots"], cfg["seed"])
     return TrainSet(images, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), cfg["train_augment"],
                     views=manta.VIEWS if cfg["dataset"] == "manta" else 1,
-                    modalities=len(mulsen.MODALITIES) if cfg["dataset"] == "mulsen" else 1)
-                    views=manta.VIEWS if cfg["dataset"] == "manta" else 1, read=sample_reader(cfg))
+                    modalities=len(mulsen.MODALITIES) if cfg["dataset"] == "mulsen" else 1, read=sample_reader(cfg))
 
 
 def build_test_set(cfg: dict, class_name: str) -> TestSet:
