@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .encoder_interface import IMAGENET_MEAN, IMAGENET_STD
+from .encoder_interface import IMAGENET_MEAN, IMAGENET_STD, TIPS_MEAN, TIPS_STD
 
 _URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/dinov2_vit{s}14{reg}_pretrain.pth"
 
@@ -31,7 +31,7 @@ class EncoderSpec:
     pos_grid: int = 37                    # side of the position-embedding grid stored in the weights
     mean: tuple[float, float, float] = IMAGENET_MEAN   # the statistics the weights were trained with
     std: tuple[float, float, float] = IMAGENET_STD
-    family: str = "dinov2"                # dinov2, dino (DINO v1's ViT), beit or dinov3
+    family: str = "dinov2"                # dinov2, dino (DINO v1's ViT), beit, dinov3 or tips
     cache_name: Optional[str] = None      # file name in the cache when the URL's is not unique
     checkpoint_key: Optional[str] = None
     prefix: str = ""
@@ -139,6 +139,36 @@ ENCODERS.update({
     # pre-training is never applied at inference and is dropped on purpose.
     "dinov3sat_vit_large_16": _dinov3("vitl16", 1024, 24, 16, "eadcf0ff", data="sat493m",
                                       dropped=(r"^local_cls_norm\.",)),
+})
+
+# TIPS (google-deepmind/tips, README.md and pytorch/checkpoints/download_checkpoints.sh): Google's PyTorch
+# vision files, flat .npz archives of the VisionTransformer's state dict (block_chunks=0). The preview code
+# names the v1 S/B/L files tips_vit_{small,base,large}_14. Google publishes no digests. The high-resolution
+# files are built for 448 px (a 32 x 32 position grid, as Google's inference code loads them strictly at
+# 448), the g/14 low-res one for 224 px.
+_TIPS = "https://storage.googleapis.com/tips_data/{0}/checkpoints/pytorch/{1}_vision.npz"
+_TIPS_SIZES = {"small": dict(embed_dim=384, depth=12, num_heads=6), "base": dict(embed_dim=768, depth=12, num_heads=12),
+               "large": dict(embed_dim=1024, depth=24, num_heads=16),
+               "so400m": dict(embed_dim=1152, depth=27, num_heads=16, options={"mlp_hidden_dim": 4304}),
+               "giant": dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu")}
+
+
+def _tips(size: str, version: str, file_stem: str, pos_grid: int = 32) -> EncoderSpec:
+    return EncoderSpec(**_TIPS_SIZES[size], num_register_tokens=1, family="tips", pos_grid=pos_grid,
+                       mean=TIPS_MEAN, std=TIPS_STD, url=_TIPS.format(version, file_stem))
+
+
+ENCODERS.update({
+    "tips_vit_small_14": _tips("small", "v1_0", "tips_oss_s14_highres_distilled"),
+    "tips_vit_base_14": _tips("base", "v1_0", "tips_oss_b14_highres_distilled"),
+    "tips_vit_large_14": _tips("large", "v1_0", "tips_oss_l14_highres_distilled"),
+    "tips_vit_so400m_14": _tips("so400m", "v1_0", "tips_oss_so400m14_highres_largetext_distilled"),
+    "tips_vit_giant_14": _tips("giant", "v1_0", "tips_oss_g14_highres"),
+    "tips_vit_giant_lowres_14": _tips("giant", "v1_0", "tips_oss_g14_lowres", pos_grid=16),
+    "tipsv2_vit_base_14": _tips("base", "v2_0", "tips_v2_oss_b14"),
+    "tipsv2_vit_large_14": _tips("large", "v2_0", "tips_v2_oss_l14"),
+    "tipsv2_vit_so400m_14": _tips("so400m", "v2_0", "tips_v2_oss_so14"),
+    "tipsv2_vit_giant_14": _tips("giant", "v2_0", "tips_v2_oss_g14"),
 })
 
 # Tiny architectures with no official weights: for the test-suite and the offline CPU demo only.

@@ -13,16 +13,17 @@ import torch
 from .beit import BeitVisionTransformer
 from .dinov2 import DinoVisionTransformer
 from .dinov3 import DinoV3VisionTransformer
+from .tips import TipsVisionTransformer
 from .downloads import default_weights_dir, resolve_weights, sha256_of
 from .encoder_interface import Encoder
 from .encoder_table import DINOV3_FORM, ENCODERS, EncoderSpec, default_target_layers, get_spec
-from .weights_file import (ZIP_MAGIC, WeightsError, check_state_dict, load_state_dict_strict, load_weights_file,
-                           what_is_wrong_with)
+from .weights_file import (ZIP_MAGIC, WeightsError, check_state_dict, load_npz_file, load_state_dict_strict,
+                           load_weights_file, what_is_wrong_with)
 
 # The names this module has always offered, wherever they live now.
 __all__ = ["DINOV3_FORM", "ENCODERS", "EncoderSpec", "WeightsError", "ZIP_MAGIC", "build_encoder",
            "check_encoder_weights", "check_state_dict", "default_target_layers", "default_weights_dir", "get_spec",
-           "load_encoder", "load_state_dict_strict", "load_weights_file", "local_weights_path", "official_layout",
+           "load_encoder", "load_npz_file", "load_state_dict_strict", "load_weights_file", "local_weights_path", "official_layout",
            "resolve_weights", "sha256_of", "what_is_wrong_with"]
 
 
@@ -31,6 +32,10 @@ def build_encoder(name: str) -> Encoder:
     if spec.family == "beit":
         return BeitVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size,
                                      spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std)
+    if spec.family == "tips":
+        return TipsVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.ffn, patch_size=spec.patch_size,
+                                     img_size=spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std,
+                                     **spec.options)
     if spec.family == "dinov3":
         return DinoV3VisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, num_storage_tokens=
                                        spec.num_register_tokens, patch_size=spec.patch_size, mean=spec.mean,
@@ -65,7 +70,10 @@ def local_weights_path(weights: Optional[str]) -> Optional[Path]:
 def _encoder_state(name: str, weights: Optional[str], weights_dir: Optional[str], mmap: bool) -> tuple[dict, Path]:
     """The encoder's state dict from its file (local, or official: cached or downloaded) and the file."""
     path = local_weights_path(weights) or resolve_weights(name, weights_dir)
-    raw = load_weights_file(path, "encoder weights", mmap=mmap)
+    if get_spec(name).family == "tips":  # Google's files are NumPy .npz archives
+        raw = load_npz_file(path, "encoder weights", shapes_only=mmap)
+    else:
+        raw = load_weights_file(path, "encoder weights", mmap=mmap)
     if not isinstance(raw, dict):
         raise WeightsError(f"encoder weights {path} hold a {type(raw).__name__}, expected a state dict "
                            f"in the official layout of '{name}'")

@@ -1,10 +1,11 @@
-"""What is wrong with a weights file, said in one line: not a PyTorch file (empty, text, a damaged or
-foreign archive), objects other than tensors, or keys and shapes of another architecture."""
+"""What is wrong with a weights file, said in one line: not a PyTorch file or NumPy .npz archive (empty,
+text, a damaged or foreign archive), objects other than arrays, or keys and shapes of another architecture."""
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -40,6 +41,15 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: st
 ZIP_MAGIC = b"PK\x03\x04"  # PyTorch's format since 1.6 is a zip archive holding <name>/data.pkl
 
 
+def _zip_names(path: Path) -> Optional[list[str]]:
+    """The member names of a zip archive; None when it is damaged or truncated."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
 def what_is_wrong_with(path: Path) -> Optional[str]:
     """Why `path` cannot be a PyTorch file, from its first bytes and zip directory (None: it may be one).
     Cheap: nothing is unpickled."""
@@ -48,10 +58,8 @@ def what_is_wrong_with(path: Path) -> Optional[str]:
     if not head:
         return "the file is empty"
     if head.startswith(ZIP_MAGIC):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
+        names = _zip_names(path)
+        if names is None:
             return "a damaged or truncated zip archive (PyTorch files are zip archives; download it again)"
         if not any(name.endswith("data.pkl") for name in names):
             return (f"a zip archive of something else, not a PyTorch file (no data.pkl inside; it holds "
@@ -81,3 +89,52 @@ def load_weights_file(path: Path, what: str, error: type = WeightsError, mmap: b
     except Exception as failure:
         lines = str(failure).strip().splitlines() or [type(failure).__name__]
         raise error(f"could not read {what} {path}: corrupt or truncated ({lines[0]})") from None
+
+
+def what_is_wrong_with_npz(path: Path) -> Optional[str]:
+    """Why `path` cannot be a NumPy .npz archive (a zip of .npy arrays), from its first bytes and zip
+    directory (None: it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "the file is empty"
+    if not head.startswith(ZIP_MAGIC):
+        return f"not a NumPy .npz archive: not a zip archive (it starts with bytes {head[:8].hex(' ')})"
+    names = _zip_names(path)
+    if names is None:
+        return "a damaged or truncated zip archive (.npz files are zip archives; download it again)"
+    if not names or not all(name.endswith(".npy") for name in names):
+        return (f"a zip archive of something else, not a NumPy .npz archive (it holds "
+                f"{', '.join(names[:3]) or 'nothing'}, not only .npy arrays)")
+    return None
+
+
+def _npz_shapes(path: Path) -> dict:
+    """Meta tensors of the stored shapes and dtypes, read from each array's .npy header only."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    shapes = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as f:
+                shape, _, dtype = readers[np.lib.format.read_magic(f)](f)
+            shapes[name[:-len(".npy")]] = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype,
+                                                      device="meta")
+    return shapes
+
+
+def load_npz_file(path: Path, what: str, shapes_only: bool = False, error: type = WeightsError) -> dict:
+    """A NumPy .npz archive of named arrays (TIPS's official format) as a dict of tensors, read with
+    allow_pickle=False; an unusable file is one `error` line naming it. `shapes_only`: meta tensors of the
+    stored shapes (a cheap look at keys and shapes; nothing is read but the headers)."""
+    problem = what_is_wrong_with_npz(path)
+    if problem is not None:
+        raise error(f"could not read {what} {path}: {problem}")
+    try:
+        if shapes_only:
+            return _npz_shapes(path)
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: torch.from_numpy(archive[key]) for key in archive.files}
+    except Exception as failure:
+        lines = str(failure).strip().splitlines() or [type(failure).__name__]
+        raise error(f"could not read {what} {path}: corrupt, truncated or not arrays of numbers "
+                    f"({lines[0]})") from None
