@@ -84,15 +84,17 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block, LayerNorm eps 1e-6; with LayerScale (DINOv2) or without (DINO v1, `layer_scale` False)."""
+    """Pre-norm block, LayerNorm eps 1e-6; with LayerScale (DINOv2) or without (DINO v1, `layer_scale` False).
+    The feed-forward is 4 x dim wide unless `hidden_dim` says otherwise (TIPS So400m)."""
 
-    def __init__(self, dim: int, num_heads: int, ffn: str = "mlp", layer_scale: bool = True):
+    def __init__(self, dim: int, num_heads: int, ffn: str = "mlp", layer_scale: bool = True,
+                 hidden_dim: Optional[int] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim, 1e-5) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = (SwiGLUFFN if ffn == "swiglu" else Mlp)(dim, 4 * dim)
+        self.mlp = (SwiGLUFFN if ffn == "swiglu" else Mlp)(dim, hidden_dim or 4 * dim)
         self.ls2 = LayerScale(dim, 1e-5) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor, pos: None = None) -> torch.Tensor:
@@ -109,7 +111,7 @@ class DinoVisionTransformer(nn.Module):
     def __init__(self, embed_dim: int, depth: int, num_heads: int, num_register_tokens: int = 0,
                  ffn: str = "mlp", patch_size: int = 14, img_size: int = 518,
                  interpolate_offset: float = 0.1, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD,
-                 dinov2: bool = True):
+                 dinov2: bool = True, mlp_hidden_dim: Optional[int] = None):
         super().__init__()
         self.mean, self.std = tuple(mean), tuple(std)
         self.embed_dim = embed_dim
@@ -124,7 +126,8 @@ class DinoVisionTransformer(nn.Module):
         self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
                                 if num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if dinov2 else None
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, ffn, layer_scale=dinov2) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, ffn, layer_scale=dinov2, hidden_dim=mlp_hidden_dim)
+                                     for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)

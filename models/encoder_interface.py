@@ -25,6 +25,9 @@ import torch.nn as nn
 # The statistics every family is fed by default: the reference shares one ImageNet transform.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# TIPS (google-deepmind/tips) takes images in [0, 1] as they are.
+TIPS_MEAN = (0.0, 0.0, 0.0)
+TIPS_STD = (1.0, 1.0, 1.0)
 
 
 @runtime_checkable

@@ -1,193 +1,30 @@
-"""Encoder registry: a name maps to an architecture, its official weights URL and known sha256.
-
-Weights are fetched once into a cache directory, verified, and loaded with strict key checking:
-a checkpoint that does not match the architecture is an error, never a half-loaded encoder.
+"""Encoder registry: build a registered encoder (models/encoder_table.py) and load its weights, official
+(cached or downloaded and verified, models/downloads.py) or a user's file, with strict key checking: a
+checkpoint that does not match the architecture is an error (models/weights_file.py), never a half-loaded
+encoder.
 """
-import hashlib
-import math
-import os
-import pickle
 import re
-import urllib.error
-import urllib.request
 import warnings
-import zipfile
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from .beit import BeitVisionTransformer
 from .dinov2 import DinoVisionTransformer
 from .dinov3 import DinoV3VisionTransformer
-from .encoder_interface import IMAGENET_MEAN, IMAGENET_STD, Encoder
+from .tips import TipsVisionTransformer
+from .downloads import default_weights_dir, resolve_weights, sha256_of
+from .encoder_interface import Encoder
+from .encoder_table import DINOV3_FORM, ENCODERS, EncoderSpec, default_target_layers, get_spec
+from .weights_file import (ZIP_MAGIC, WeightsError, check_state_dict, load_npz_file, load_state_dict_strict,
+                           load_weights_file, what_is_wrong_with)
 
-
-class WeightsError(RuntimeError):
-    """Encoder weights that cannot be used: not downloadable, corrupt, unreadable or of another model."""
-
-
-_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/dinov2_vit{s}14{reg}_pretrain.pth"
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Everything needed to build an encoder and read its official file, without building it.
-
-    The file layout: the weights sit under `checkpoint_key` (None: at the top), their names start with
-    `prefix` (removed), and keys matching `dropped` are extras of the real file that the encoder does
-    not use (classification heads, decoders, momentum encoders, ...), dropped on purpose. Every other
-    key must match the architecture exactly."""
-    embed_dim: int
-    depth: int
-    num_heads: int
-    num_register_tokens: int
-    ffn: str = "mlp"
-    url: Optional[str] = None
-    sha256: Optional[str] = None          # the full digest, or the prefix an official file name carries
-    patch_size: int = 14
-    pos_grid: int = 37                    # side of the position-embedding grid stored in the weights
-    mean: tuple[float, float, float] = IMAGENET_MEAN   # the statistics the weights were trained with
-    std: tuple[float, float, float] = IMAGENET_STD
-    family: str = "dinov2"                # dinov2, dino (DINO v1's ViT), beit or dinov3
-    cache_name: Optional[str] = None      # file name in the cache when the URL's is not unique
-    checkpoint_key: Optional[str] = None
-    prefix: str = ""
-    dropped: tuple[str, ...] = ()         # regular expressions
-    how_to_get: str = ""                  # for weights without a download URL
-    options: dict[str, Any] = field(default_factory=dict)  # the family constructor's own arguments
-
-    @property
-    def file_name(self) -> Optional[str]:
-        return self.cache_name or (self.url.rsplit("/", 1)[-1] if self.url else None)
-
-
-_SIZES = {"small": ("s", 384, 12, 6, "mlp"), "base": ("b", 768, 12, 12, "mlp"),
-          "large": ("l", 1024, 24, 16, "mlp"), "giant": ("g", 1536, 40, 24, "swiglu")}
-_SHA256 = {
-    "dinov2reg_vit_small_14": "f433177089a681826f849f194ece3bb48f4d63fb38d32fc837e3dc7a4e5641fb",
-    "dinov2_vit_small_14": "b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9",
-    "dinov2reg_vit_base_14": "73182a088cf94833c94b1666d1c99e02fe87e2007bff57b564fb6206e25dba71",
-}
-
-ENCODERS: dict[str, EncoderSpec] = {}
-for _size, (_s, _dim, _depth, _heads, _ffn) in _SIZES.items():
-    for _prefix, _reg in (("dinov2reg", 4), ("dinov2", 0)):
-        _name = f"{_prefix}_vit_{_size}_14"
-        ENCODERS[_name] = EncoderSpec(_dim, _depth, _heads, _reg, _ffn,
-                                      _URL.format(s=_s, reg="_reg4" if _reg else ""), _SHA256.get(_name))
-
-# The other foundation models of the paper's Table A4, named and fetched as the reference code
-# (guojiajeremy/Dinomaly, models/vit_encoder.py) does. All but BEiT run in DINO v1's ViT, built at 224 px.
-_HEAD = r"^head\."
-_V1 = dict(family="dino", num_register_tokens=0)
-_S16, _B16, _L16 = (dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, pos_grid=14),
-                    dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, pos_grid=14),
-                    dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, pos_grid=14))
-_DINO = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
-_IBOT = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/{0}_rand_mask/checkpoint_teacher.pth"
-_IBOT_LAYOUT = dict(checkpoint_key="state_dict", dropped=(_HEAD, r"^masked_embed$"))  # the iBOT head, the MIM token
-_MAE_LAYOUT = dict(checkpoint_key="model", dropped=(r"^decoder", r"^mask_token$"))  # MAE's decoder and mask token
-# MoCo v3: the query encoder under module.base_encoder.; the momentum encoder, the predictor and the
-# projection head are training-only. Its ViT-S has 12 heads; the reference runs it with DINO's 6, as here.
-_MOCO_LAYOUT = dict(checkpoint_key="state_dict", prefix="module.base_encoder.",
-                    dropped=(r"^module\.momentum_encoder\.", r"^module\.predictor\.", _HEAD))
-_BEIT_LAYOUT = dict(family="beit", checkpoint_key="model", dropped=(_HEAD, r"\.relative_position_index$"))
-ENCODERS.update({
-    "dino_vit_small_16": EncoderSpec(**_S16, **_V1, url=_DINO.format("dino_deitsmall16_pretrain")),
-    "dino_vit_base_16": EncoderSpec(**_B16, **_V1, url=_DINO.format("dino_vitbase16_pretrain")),
-    "dino_vit_small_8": EncoderSpec(**{**_S16, "patch_size": 8, "pos_grid": 28}, **_V1,
-                                    url=_DINO.format("dino_deitsmall8_pretrain")),
-    "dino_vit_base_8": EncoderSpec(**{**_B16, "patch_size": 8, "pos_grid": 28}, **_V1,
-                                   url=_DINO.format("dino_vitbase8_pretrain")),
-    "ibot_vit_small_16": EncoderSpec(**_S16, **_V1, **_IBOT_LAYOUT, url=_IBOT.format("vits_16"),
-                                     cache_name="ibot_vits_16_rand_mask_checkpoint_teacher.pth"),
-    "ibot_vit_base_16": EncoderSpec(**_B16, **_V1, **_IBOT_LAYOUT, url=_IBOT.format("vitb_16"),
-                                    cache_name="ibot_vitb_16_rand_mask_checkpoint_teacher.pth"),
-    "mae_vit_base_16": EncoderSpec(**_B16, **_V1, **_MAE_LAYOUT,
-                                   url="https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"),
-    "mae_vit_large_16": EncoderSpec(**_L16, **_V1, **_MAE_LAYOUT,
-                                    url="https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth"),
-    "mocov3_vit_small_16": EncoderSpec(**_S16, **_V1, **_MOCO_LAYOUT,
-                                       url="https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar"),
-    "mocov3_vit_base_16": EncoderSpec(**_B16, **_V1, **_MOCO_LAYOUT,
-                                      url="https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
-    "deit_vit_small_16": EncoderSpec(**_S16, **_V1, checkpoint_key="model", dropped=(_HEAD,), sha256="cd65a155",
-                                     url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"),
-    "deit_vit_base_16": EncoderSpec(**_B16, **_V1, checkpoint_key="model", dropped=(_HEAD,), sha256="b5f2ef4d",
-                                    url="https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"),
-    "beit_vit_base_16": EncoderSpec(**_B16, num_register_tokens=0, **_BEIT_LAYOUT, mean=(0.5, 0.5, 0.5),
-                                    std=(0.5, 0.5, 0.5), url="https://github.com/addf400/files/releases/download/"
-                                                             "v1.0/beit_base_patch16_224_pt22k_ft22k.pth"),
-    "beitv2_vit_base_16": EncoderSpec(**_B16, num_register_tokens=0, **_BEIT_LAYOUT,
-                                      url="https://github.com/addf400/files/releases/download/"
-                                          "BEiT-v2/beitv2_base_patch16_224_pt1k_ft21k.pth"),
-    "digpt_vit_base_16": EncoderSpec(**_B16, **_V1, **_MAE_LAYOUT, cache_name="D-iGPT_B_PT_1K.pth", how_to_get=(
-        "D-iGPT has no stable public download: get D-iGPT_B_PT_1K.pth from the D-iGPT authors' release "
-        "(github.com/OliverRensu/D-iGPT) and pass --encoder_weights PATH")),
-})
-
-# DINOv3 (facebookresearch/dinov3, dinov3/hub/backbones.py): patch 16, 4 storage tokens, RoPE. Downloads are
-# gated: Meta e-mails each accepted requester personal URLs, so there is nothing to fetch here. The file goes
-# under its official name (which carries its sha256 prefix) into the weights folder, or --encoder_weights PATH.
-DINOV3_FORM = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
-
-
-def _dinov3(arch: str, dim: int, depth: int, heads: int, sha: str, data: str = "lvd1689m", **options) -> EncoderSpec:
-    file_name = f"dinov3_{arch}_pretrain_{data}-{sha}.pth"
-    mean, std = ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143)) if data == "sat493m" else (IMAGENET_MEAN, IMAGENET_STD)
-    dropped = options.pop("dropped", ())
-    return EncoderSpec(dim, depth, heads, 4, family="dinov3", patch_size=16, sha256=sha, cache_name=file_name,
-                       mean=mean, std=std, dropped=dropped, options=options, how_to_get=(
-                           f"DINOv3 weights are gated: request access at {DINOV3_FORM}, download {file_name} from "
-                           f"the link Meta e-mails you, and put it in {{folder}} (or pass --encoder_weights PATH)"))
-
-
-_SWIGLU = dict(ffn="swiglu", ffn_ratio=6.0)
-ENCODERS.update({
-    "dinov3_vit_small_16": _dinov3("vits16", 384, 12, 6, "08c60483"),
-    "dinov3_vit_small_plus_16": _dinov3("vits16plus", 384, 12, 6, "4057cbaa", **_SWIGLU),
-    "dinov3_vit_base_16": _dinov3("vitb16", 768, 12, 12, "73cec8be"),
-    "dinov3_vit_large_16": _dinov3("vitl16", 1024, 24, 16, "8aa4cbdd"),
-    "dinov3_vit_huge_plus_16": _dinov3("vith16plus", 1280, 32, 20, "7c1da9a5", **_SWIGLU),
-    # the 7B: no qkv bias, SwiGLU hidden width aligned to 64, and its untied local-crop class norm (unused)
-    "dinov3_vit_7b_16": _dinov3("vit7b16", 4096, 40, 32, "a955f4ea", ffn="swiglu", ffn_ratio=3.0, swiglu_align=64,
-                                qkv_bias=False, untie_local_cls_norm=True),
-    # ViT-L on satellite images (SAT-493M): its own normalisation; its file's local-crop class norm of
-    # pre-training is never applied at inference and is dropped on purpose.
-    "dinov3sat_vit_large_16": _dinov3("vitl16", 1024, 24, 16, "eadcf0ff", data="sat493m",
-                                      dropped=(r"^local_cls_norm\.",)),
-})
-
-# Tiny architectures with no official weights: for the test-suite and the offline CPU demo only.
-ENCODERS["dinov2_vit_tiny_14"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=0)
-ENCODERS["dinov2reg_vit_tiny_14"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=4)
-ENCODERS["dinov2_vit_tiny_16"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=0,
-                                             patch_size=16, pos_grid=32)
-ENCODERS["dinov3_vit_tiny_16"] = EncoderSpec(embed_dim=64, depth=10, num_heads=2, num_register_tokens=4,
-                                             family="dinov3", patch_size=16)
-
-
-def default_target_layers(depth: int) -> list[int]:
-    """The 8 encoder blocks reconstructed by default (`target_layers: auto`), from the encoder's depth.
-
-    12 blocks: [2..9], the recipe. Deeper encoders keep the same relative depths, block round(depth * k / 12)
-    for k = 2..9: 24 -> [4, 6, ..., 18] (the paper's ViT-L and the public DINOv3 port), 32 -> [5, 8, 11, 13,
-    16, 19, 21, 24], 40 -> [7, 10, 13, 17, 20, 23, 27, 30]. Encoders of 10 or 11 blocks (the tests' tiny
-    ones) take [2..9] as well; shallower ones have no default."""
-    if depth < 10:
-        raise ValueError(f"an encoder of {depth} blocks has no default target_layers; give them as a list")
-    if depth <= 12:
-        return list(range(2, 10))
-    return [math.floor(depth * k / 12 + 0.5) for k in range(2, 10)]
-
-
-def get_spec(name: str) -> EncoderSpec:
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODERS)}")
-    return ENCODERS[name]
+# The names this module has always offered, wherever they live now.
+__all__ = ["DINOV3_FORM", "ENCODERS", "EncoderSpec", "WeightsError", "ZIP_MAGIC", "build_encoder",
+           "check_encoder_weights", "check_state_dict", "default_target_layers", "default_weights_dir", "get_spec",
+           "load_encoder", "load_npz_file", "load_state_dict_strict", "load_weights_file", "local_weights_path", "official_layout",
+           "resolve_weights", "sha256_of", "what_is_wrong_with"]
 
 
 def build_encoder(name: str) -> Encoder:
@@ -195,6 +32,10 @@ def build_encoder(name: str) -> Encoder:
     if spec.family == "beit":
         return BeitVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size,
                                      spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std)
+    if spec.family == "tips":
+        return TipsVisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, spec.ffn, patch_size=spec.patch_size,
+                                     img_size=spec.pos_grid * spec.patch_size, mean=spec.mean, std=spec.std,
+                                     **spec.options)
     if spec.family == "dinov3":
         return DinoV3VisionTransformer(spec.embed_dim, spec.depth, spec.num_heads, num_storage_tokens=
                                        spec.num_register_tokens, patch_size=spec.patch_size, mean=spec.mean,
@@ -216,136 +57,6 @@ def official_layout(spec: EncoderSpec, raw: dict, path: Path) -> dict:
     return {k: v for k, v in state.items() if not any(re.search(pattern, k) for pattern in spec.dropped)}
 
 
-def default_weights_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-@lru_cache(maxsize=32)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256_of, once per file version in a process: a run checks its weights before the run directory
-    exists and loads them again to train (train_sep.py once per class)."""
-    return sha256_of(Path(path))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _download(url: str, dest: Path) -> None:
-    """Write to a temporary file next to `dest`, fsync, then rename: a broken download leaves no file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    print(f"Downloading {url} -> {dest}", flush=True)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    except (urllib.error.URLError, OSError) as error:
-        tmp.unlink(missing_ok=True)
-        raise WeightsError(
-            f"could not download the encoder weights from {url} ({error}). Offline? Download that file by hand "
-            f"and put it at {dest} (the file name must be {dest.name}), or pass --encoder_weights PATH to a "
-            f"local copy") from None
-    os.replace(tmp, dest)
-
-
-def resolve_weights(name: str, weights_dir: Optional[str] = None) -> Path:
-    """Path of the official checkpoint in the cache, downloading and verifying it as needed."""
-    spec = get_spec(name)
-    folder = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
-    path = folder / spec.file_name if spec.file_name else None
-    if spec.url is None and not (path and path.exists()):
-        raise WeightsError(spec.how_to_get.format(folder=folder) if spec.how_to_get else
-                           f"encoder '{name}' has no official weights; pass --encoder_weights PATH or "
-                           f"--encoder_weights random")
-    if not path.exists():
-        _download(spec.url, path)
-    if spec.sha256 is not None:
-        stat = path.stat()
-        actual = _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
-        if not actual.startswith(spec.sha256):
-            raise WeightsError(f"sha256 mismatch for {path}: expected {spec.sha256}, got {actual}. "
-                               f"The file is corrupt or not {spec.file_name}; delete it to download again.")
-    return path
-
-
-def check_state_dict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Every key and shape of `state_dict` against `module` (which may live on the meta device); the
-    one-line error lists what differs and names the file."""
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise WeightsError(f"{source} is not a flat state dict of tensors: '{not_tensors[0]}' holds a "
-                           f"{type(state_dict[not_tensors[0]]).__name__}")
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
-                 for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("shape mismatches", mismatched)) if items]
-        raise WeightsError(f"{source} does not match the architecture: " + "; ".join(parts))
-
-
-def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Load with every key and shape checked (check_state_dict)."""
-    check_state_dict(module, state_dict, source)
-    module.load_state_dict(state_dict, strict=True)
-
-
-ZIP_MAGIC = b"PK\x03\x04"  # PyTorch's format since 1.6 is a zip archive holding <name>/data.pkl
-
-
-def what_is_wrong_with(path: Path) -> Optional[str]:
-    """Why `path` cannot be a PyTorch file, from its first bytes and zip directory (None: it may be one).
-    Cheap: nothing is unpickled."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if not head:
-        return "the file is empty"
-    if head.startswith(ZIP_MAGIC):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return "a damaged or truncated zip archive (PyTorch files are zip archives; download it again)"
-        if not any(name.endswith("data.pkl") for name in names):
-            return (f"a zip archive of something else, not a PyTorch file (no data.pkl inside; it holds "
-                    f"{', '.join(names[:3]) or 'nothing'})")
-        return None
-    if head[0] == 0x80:  # a pickle: PyTorch's format before 1.6
-        return None
-    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
-        return f"a text file, not a PyTorch file (it starts with {head[:40].decode().strip()!r})"
-    return f"not a PyTorch file: neither a zip archive nor a pickle (it starts with bytes {head[:8].hex(' ')})"
-
-
-def load_weights_file(path: Path, what: str, error: type = WeightsError, mmap: bool = False):
-    """torch.load of a file a user hands us: weights_only=True, and an unusable file is one `error` line
-    naming it and saying what it is. `mmap` maps tensors instead of reading them (a cheap look at keys
-    and shapes; only for zip-format files)."""
-    problem = what_is_wrong_with(path)
-    if problem is not None:
-        raise error(f"could not read {what} {path}: {problem}")
-    with open(path, "rb") as f:
-        mmap = mmap and f.read(4) == ZIP_MAGIC
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        raise error(f"could not read {what} {path}: it holds Python objects other than tensors and plain "
-                    f"containers, which are never loaded from a file handed to us (weights_only)") from None
-    except Exception as failure:
-        lines = str(failure).strip().splitlines() or [type(failure).__name__]
-        raise error(f"could not read {what} {path}: corrupt or truncated ({lines[0]})") from None
-
-
 def local_weights_path(weights: Optional[str]) -> Optional[Path]:
     """The user's own weights file (None for official or random weights); a missing one is an error."""
     if weights in (None, "random"):
@@ -359,7 +70,10 @@ def local_weights_path(weights: Optional[str]) -> Optional[Path]:
 def _encoder_state(name: str, weights: Optional[str], weights_dir: Optional[str], mmap: bool) -> tuple[dict, Path]:
     """The encoder's state dict from its file (local, or official: cached or downloaded) and the file."""
     path = local_weights_path(weights) or resolve_weights(name, weights_dir)
-    raw = load_weights_file(path, "encoder weights", mmap=mmap)
+    if get_spec(name).family == "tips":  # Google's files are NumPy .npz archives
+        raw = load_npz_file(path, "encoder weights", shapes_only=mmap)
+    else:
+        raw = load_weights_file(path, "encoder weights", mmap=mmap)
     if not isinstance(raw, dict):
         raise WeightsError(f"encoder weights {path} hold a {type(raw).__name__}, expected a state dict "
                            f"in the official layout of '{name}'")

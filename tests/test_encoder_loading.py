@@ -64,7 +64,7 @@ def test_cached_file_with_matching_digest_is_loaded(tmp_path, monkeypatch):
 def test_offline_error_names_url_file_and_directory(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(encoders.urllib.request, "urlopen", offline)
+    monkeypatch.setattr("urllib.request.urlopen", offline)
     with pytest.raises(RuntimeError) as error:
         load_encoder("dinov2reg_vit_base_14", weights_dir=str(tmp_path))
     message = str(error.value)

@@ -155,11 +155,9 @@ def test_garbage_weights_file_is_one_line_naming_it_before_any_run_directory(dat
 
 
 def test_offline_official_weights_leave_no_run_directory(data, tmp_path, capsys, monkeypatch):
-    from models import registry
-
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(registry.urllib.request, "urlopen", offline)
+    monkeypatch.setattr("urllib.request.urlopen", offline)
     argv = tiny_run_args(data, "x", tmp_path / "out", encoder="dinov2_vit_small_14", weights_dir=tmp_path / "cache")
     argv = argv[:argv.index("--encoder_weights")] + argv[argv.index("--encoder_weights") + 2:]
     for _ in range(2):  # the next attempt neither
