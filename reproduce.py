@@ -112,9 +112,12 @@ def cell(ours: Optional[float], paper: Optional[float]) -> list[str]:
     return [text(ours), text(paper), "-" if ours is None or paper is None else f"{ours - paper:+.2f}"]
 
 
-def mean_row(run_dir: Path) -> Optional[dict[str, float]]:
+def mean_row(run_dir: Path) -> Optional[dict[str, Optional[float]]]:
+    """The run's mean row (None: not run yet); an empty cell (masks: none) is None, shown as '-'."""
     rows = {r["class"]: r for r in read_rows(run_dir / "results.csv")}
-    return {m: float(rows["mean"][m]) for m in METRIC_NAMES} if "mean" in rows else None
+    if "mean" not in rows:
+        return None
+    return {m: float(rows["mean"][m]) if rows["mean"][m] else None for m in METRIC_NAMES}
 
 
 def collect(table: dict, out: Path) -> str:
@@ -156,7 +159,7 @@ def plot_table(chart: list, title: str, path: Path) -> None:
         index = METRIC_NAMES.index(metric)
         xs = range(len(chart))
         ax.bar([x - 0.2 for x in xs], [paper[index] or 0 for _, _, paper in chart], 0.4, label="paper")
-        ax.bar([x + 0.2 for x in xs], [ours[metric] if ours else 0 for _, ours, _ in chart], 0.4, label="ours")
+        ax.bar([x + 0.2 for x in xs], [ours[metric] or 0 if ours else 0 for _, ours, _ in chart], 0.4, label="ours")
         values = [v for _, ours, paper in chart for v in ([paper[index]] + ([ours[metric]] if ours else []))
                   if v is not None]
         if values:

@@ -69,7 +69,7 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
     elif cfg["dataset"] == "manta":
         samples = manta.list_test_samples(root, class_name)
     else:
-        samples = folder.list_test_samples(root, class_name)
+        samples = folder.list_test_samples(root, class_name, cfg["masks"])
     return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg))
 
 

@@ -66,6 +66,7 @@ CHOICES = {
     "train_augment": ("none", "strong"),
     "realiad_split": ("mv", "sv"),
     "realiad_maskless": ("error", "normal"),
+    "masks": ("required", "none"),
     "precision": ("fp32", "bf16", "fp16"),
     "image_cache": ("none", "memory", "disk"),
     "cache_features": ("none", "memory", "disk"),
@@ -169,6 +170,10 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
                             ("realiad_images", cfg["dataset"] in ("realiad", "realiad_variety"), "needs a Real-IAD dataset")):
         if cfg[key] not in (None, False, "none") and not needs:
             raise ConfigError(f"{source}: {key} {cfg[key]!r} {why}")
+    if cfg["masks"] == "none" and cfg["dataset"] in ("realiad", "realiad_variety", "manta"):
+        raise ConfigError(f"{source}: masks 'none' needs a dataset in the MVTec layout; {cfg['dataset']} reads its "
+                          "labels from its masks or JSON files" + (" (see realiad_maskless)" if "realiad" in
+                                                                   cfg["dataset"] else ""))
     if cfg["realiad_split"] != "mv" and cfg["dataset"] == "realiad_variety":
         raise ConfigError(f"{source}: realiad_split {cfg['realiad_split']!r}: Real-IAD Variety has one split (mv)")
     if cfg["warmup_iters"] >= cfg["total_iters"]:

@@ -15,10 +15,14 @@ from torch.utils.data import DataLoader
 
 from datasets import TestSet
 from .anomaly_map import anomaly_maps, image_scores
-from .metrics import METRIC_NAMES, class_metrics, mean_anomaly_detection, ranking_metrics
+from .metrics import (METRIC_NAMES, PIXEL_METRICS, class_metrics, image_metrics, mean_anomaly_detection,
+                      ranking_metrics)
 
 TABLE_COLUMNS = METRIC_NAMES + ("mAD",)
 OBJECT_COLUMNS = ("O-AUROC", "O-AP", "O-F1max")  # multi-view sets (Dinomaly2): one score per object
+NO_MASKS_NOTE = ("Pixel metrics, AUPRO and mAD are empty: this run has image labels only (masks: none), so nothing "
+                 "can be scored per pixel; mAD, the mean of all seven metrics, is not replaced by a mean of the "
+                 "three image metrics, which would not compare with any other run's mAD.")
 
 
 @dataclass
@@ -26,7 +30,7 @@ class ClassOutputs:
     maps: torch.Tensor      # N x S x S float32 anomaly maps
     scores: torch.Tensor    # N image scores
     labels: torch.Tensor    # N, 1 = anomalous
-    masks: torch.Tensor     # N x S x S bool ground truth
+    masks: Optional[torch.Tensor]  # N x S x S bool ground truth; None with masks: none (image labels only)
     seconds: float          # time spent in the model and map computation
 
 
@@ -61,7 +65,8 @@ def infer_class(model: torch.nn.Module, dataset: TestSet, cfg: dict, device: tor
         scores.append(batch_scores)
         labels.append(label)
         masks.append(binarise_masks(gt, cfg["map_size"], cfg["gt_threshold"]).to(device))
-    return ClassOutputs(torch.cat(maps), torch.cat(scores), torch.cat(labels).to(device), torch.cat(masks), seconds)
+    return ClassOutputs(torch.cat(maps), torch.cat(scores), torch.cat(labels).to(device),
+                        torch.cat(masks) if cfg["masks"] == "required" else None, seconds)
 
 
 def object_scores(outputs: ClassOutputs, dataset: TestSet, max_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,17 +81,37 @@ def object_scores(outputs: ClassOutputs, dataset: TestSet, max_ratio: float) -> 
     return torch.stack(scores), torch.stack(labels)
 
 
-def metrics_row(outputs: ClassOutputs, cfg: dict, dataset: Optional[TestSet] = None) -> dict[str, float]:
-    """The seven metrics (and mAD) of one class; with a multi-view `dataset` (samples carrying an
-    object_id) the object-level O-AUROC, O-AP and O-F1max too."""
-    row = class_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks,
-                        cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])
+def metrics_row(outputs: ClassOutputs, cfg: dict, dataset: Optional[TestSet] = None) -> dict[str, Optional[float]]:
+    """The seven metrics (and mAD) of one class, the pixel ones None without masks; with a multi-view
+    `dataset` (samples carrying an object_id) the object-level O-AUROC, O-AP and O-F1max too. The score
+    scale predict.py --normalize reads is stored beside them: image and map range and F1-max thresholds
+    (without masks the pixel threshold is the image one, as anomalib does: the image score is a mean of
+    map values, on the map's scale)."""
+    if outputs.masks is None:
+        row = {**image_metrics(outputs.scores, outputs.labels), **dict.fromkeys(PIXEL_METRICS)}
+        row["pixel_threshold"] = row["image_threshold"]
+    else:
+        row = class_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks,
+                            cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])
     row["mAD"] = mean_anomaly_detection(row)
     if dataset is not None and dataset.samples[0].object_id is not None:
         objects = ranking_metrics(*object_scores(outputs, dataset, cfg["max_ratio"]))
         row.update({"O-AUROC": objects["auroc"], "O-AP": objects["ap"], "O-F1max": objects["f1max"]})
     row["map_min"], row["map_max"] = float(outputs.maps.min()), float(outputs.maps.max())  # heatmap colour scale
+    row["score_min"], row["score_max"] = float(outputs.scores.min()), float(outputs.scores.max())
     return row
+
+
+SCALE_KEYS = {"image": ("score_min", "image_threshold", "score_max"),  # the row keys of the --normalize scale
+              "pixel": ("map_min", "pixel_threshold", "map_max")}
+
+
+def normalization_scales(rows: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
+    """Per class, the (min, F1-max threshold, max) of the image scores and of the map values at the last
+    evaluation: what --normalize maps to 0, 0.5 and 1. Classes of older checkpoints, which stored no
+    score range, are left out."""
+    return {name: {part: [row[key] for key in keys] for part, keys in SCALE_KEYS.items()}
+            for name, row in rows.items() if all(key in row for keys in SCALE_KEYS.values() for key in keys)}
 
 
 def defect_rows(outputs: ClassOutputs, dataset: TestSet) -> list[dict]:
@@ -96,10 +121,10 @@ def defect_rows(outputs: ClassOutputs, dataset: TestSet) -> list[dict]:
     rows = []
     for defect in sorted({s.defect for s in dataset.samples} - {"good"}):
         keep = good | torch.from_numpy(defects == defect).to(good.device)
+        pixel = None if outputs.masks is None else ranking_metrics(outputs.maps[keep], outputs.masks[keep])["auroc"]
         rows.append({
             "class": dataset.samples[0].class_name, "defect": defect, "images": int(keep.sum() - good.sum()),
-            "I-AUROC": ranking_metrics(outputs.scores[keep], outputs.labels[keep])["auroc"],
-            "P-AUROC": ranking_metrics(outputs.maps[keep], outputs.masks[keep])["auroc"],
+            "I-AUROC": ranking_metrics(outputs.scores[keep], outputs.labels[keep])["auroc"], "P-AUROC": pixel,
         })
     return rows
 
@@ -129,7 +154,7 @@ def evaluate(model: torch.nn.Module, test_sets: dict[str, TestSet], cfg: dict, d
         defects += defect_rows(outputs, dataset)
         images += len(dataset)
         seconds += outputs.seconds
-        log(f"  {name:<14}" + " ".join(f"{k} {100 * rows[name][k]:6.2f}" for k in table_columns(rows)))
+        log(f"  {name:<14}" + " ".join(f"{k} {percent(rows[name][k]) or '-':>6}" for k in table_columns(rows)))
         del outputs
     return EvaluationResult(rows, defects, images, seconds)
 
@@ -140,15 +165,28 @@ def table_columns(rows: dict[str, dict[str, float]]) -> tuple[str, ...]:
     return TABLE_COLUMNS + (OBJECT_COLUMNS if has_objects else ())
 
 
-def mean_row(rows: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([row[k] for row in rows.values()])) for k in table_columns(rows)}
+def mean_or_none(values: list[Optional[float]]) -> Optional[float]:
+    """The mean, or None when a value is missing (a mean over some classes would pass for all of them)."""
+    return None if None in values else float(np.mean(values))
 
 
-def format_markdown(rows: dict[str, dict[str, float]]) -> str:
+def mean_row(rows: dict[str, dict[str, Optional[float]]]) -> dict[str, Optional[float]]:
+    return {k: mean_or_none([row[k] for row in rows.values()]) for k in table_columns(rows)}
+
+
+def percent(value: Optional[float], digits: int = 2) -> str:
+    """A fraction as a percentage; an empty cell for a metric not computed (None)."""
+    return "" if value is None else f"{100 * value:.{digits}f}"
+
+
+def format_markdown(rows: dict[str, dict[str, Optional[float]]]) -> str:
+    """The per-class table with its mean row, and a note when the pixel columns are empty."""
     columns = table_columns(rows)
     lines = ["| class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row[k]:.2f}" for k in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(percent(row[k]) for k in columns) + " |")
+    if any(row["P-AUROC"] is None for row in rows.values()):
+        lines += ["", NO_MASKS_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -165,14 +203,14 @@ def format_paper_comparison(rows: dict[str, dict[str, float]], paper: dict[str, 
     names = [n for n in rows if n in paper]
     if not names:
         return ""
-    ours = {n: [100 * rows[n][k] for k in METRIC_NAMES] for n in names}
-    ours["mean"] = [float(np.mean([ours[n][i] for n in names])) for i in range(len(METRIC_NAMES))]
+    ours = {n: [None if rows[n][k] is None else 100 * rows[n][k] for k in METRIC_NAMES] for n in names}
+    ours["mean"] = [mean_or_none([ours[n][i] for n in names]) for i in range(len(METRIC_NAMES))]
     theirs = {**{n: paper[n] for n in names},
               "mean": [float(np.mean([paper[n][i] for n in names])) for i in range(len(METRIC_NAMES))]}
     lines = ["", "## Beside the paper (Tables A8-A13, multi-class): ours / paper / difference", "",
              "| class | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
     for name in names + ["mean"]:
-        lines.append(f"| {name} | " + " | ".join(f"{o:.2f} / {p:.1f} / {o - p:+.2f}"
+        lines.append(f"| {name} | " + " | ".join(f"/ {p:.1f} /" if o is None else f"{o:.2f} / {p:.1f} / {o - p:+.2f}"
                                                  for o, p in zip(ours[name], theirs[name])) + " |")
     return "\n".join(lines) + "\n"
 
@@ -186,10 +224,10 @@ def write_tables(run_dir: Path, result: EvaluationResult, stem: str = "results",
     columns = table_columns(rows)
     csv = ["class," + ",".join(columns)]
     for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
-        csv.append(name + "," + ",".join(f"{100 * row[k]:.4f}" for k in columns))
+        csv.append(name + "," + ",".join(percent(row[k], 4) for k in columns))
     (run_dir / f"{stem}.csv").write_text("\n".join(csv) + "\n")
     (run_dir / f"{stem}.md").write_text(format_markdown(rows) + (format_paper_comparison(rows, paper) if paper else ""))
     defect_csv = ["class,defect,images,I-AUROC,P-AUROC"] + [
-        f"{d['class']},{d['defect']},{d['images']},{100 * d['I-AUROC']:.4f},{100 * d['P-AUROC']:.4f}"
+        f"{d['class']},{d['defect']},{d['images']},{percent(d['I-AUROC'], 4)},{percent(d['P-AUROC'], 4)}"
         for d in result.defects]
     (run_dir / f"{stem}_per_defect.csv").write_text("\n".join(defect_csv) + "\n")
