@@ -248,7 +248,7 @@ def main(argv: list[str]) -> int:
     model = ExportedModel(Path(args.model))
     score_scale = pick_score_scale(args.class_name, model.score_scales, args.model) if args.normalize else None
     threshold = pick_threshold(args.threshold, args.class_name,
-                               {name: 0.5 for name in model.score_scales} if args.normalize else model.thresholds)
+                               dict.fromkeys(model.score_scales, 0.5) if args.normalize else model.thresholds)
     root = Path(args.images)
     paths = find_images(root)
     out = output_folder(Path(args.out))

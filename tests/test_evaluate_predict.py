@@ -214,7 +214,7 @@ def test_normalize_puts_the_threshold_at_one_half_and_keeps_the_order():
     assert np.abs(got - np.interp(values, scale, [0.0, 0.5, 1.0])).max() <= 1e-12  # piecewise linear, clipped
     assert normalize(scale, scale).tolist() == [0.0, 0.5, 1.0]
     assert np.all(np.diff(got[np.argsort(values)]) >= 0)
-    assert normalize([0.1, 0.2, 0.3], [0.2, 0.2, 0.2]).tolist() == [0.0, 0.5, 0.5]  # a degenerate range: no NaN
+    assert normalize([0.1, 0.2, 0.3], [0.2, 0.2, 0.2]).tolist() == [0.0, 0.5, 1.0]  # a degenerate range: no NaN
 
 
 def test_predict_normalize_writes_scores_in_0_1_with_the_threshold_at_one_half(trained_run, synthetic_data, tmp_path,
