@@ -32,6 +32,11 @@ def load_run(run_dir: Path) -> tuple[dict, dict[str, dict[str, str]]]:
     return config, table
 
 
+def two_decimals(cell: str) -> str:
+    """A results.csv cell for the table; an empty one (not computed: masks none) stays empty."""
+    return f"{float(cell):.2f}" if cell else ""
+
+
 def differing_keys(configs: list[dict]) -> list[str]:
     keys = sorted(set().union(*configs) - {"run_name", "output_dir"})
     return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
@@ -47,11 +52,11 @@ def markdown(names: list[str], configs: list[dict], tables: list[dict]) -> str:
         lines.append("(none besides run_name and output_dir)")
     lines += ["", "## Mean over classes", "", "| run | " + " | ".join(TABLE_COLUMNS) + " |",
               "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(f"{float(t['mean'][k]):.2f}" for k in TABLE_COLUMNS) + " |"
+    lines += [f"| {n} | " + " | ".join(two_decimals(t["mean"][k]) for k in TABLE_COLUMNS) + " |"
               for n, t in zip(names, tables)]
     classes = [c for c in tables[0] if c != "mean"]
     lines += ["", "## I-AUROC per class", "", "| class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {c} | " + " | ".join(f"{float(t[c]['I-AUROC']):.2f}" if t.get(c, {}).get("I-AUROC") else "" for t in tables) + " |"
+    lines += [f"| {c} | " + " | ".join(two_decimals(t[c]["I-AUROC"]) if c in t else "" for t in tables) + " |"
               for c in classes]
     return "\n".join(lines) + "\n"
 

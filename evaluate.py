@@ -4,6 +4,7 @@ throughput and peak memory, and optionally heatmap overlays.
     python evaluate.py --checkpoint runs/mvtec_uni_20260101_120000/checkpoint.pth
     python evaluate.py --run_dir runs/mvtec_sep_20260101_120000          # every class model of a run
     python evaluate.py --run_dir runs/... --data_path /data/mvtec --save_maps 4 --gt_threshold 0.5
+    python evaluate.py --run_dir runs/... --data_path my_parts --masks none     # image labels only
 
 The model is rebuilt from the config saved in the checkpoint. Only the evaluation keys below can be
 overridden (data location, device, protocol options), so the architecture always matches the weights.
@@ -27,8 +28,8 @@ from utils.device import peak_memory_mib, resolve_device
 from utils.run_setup import RunLog, output_folder, run_cli
 from utils.visualize import save_panel, to_display_image
 
-EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "realiad_images", "realiad_maskless", "device",
-             "batch_size", "num_workers", "encoder_weights", "weights_dir", "gt_threshold", "max_ratio",
+EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "realiad_images", "realiad_maskless", "masks",
+             "device", "batch_size", "num_workers", "encoder_weights", "weights_dir", "gt_threshold", "max_ratio",
              "aupro_thresholds", "aupro_fpr_limit")
 
 
@@ -49,7 +50,8 @@ def find_checkpoints(args: argparse.Namespace) -> tuple[list[Path], Path]:
 
 
 def map_saver(out_dir: Path, count: int, cfg: dict):
-    """A callback writing image | ground truth | heatmap for `count` evenly spaced test images of a class."""
+    """A callback writing image | ground truth | heatmap (image | heatmap without masks) for `count` evenly
+    spaced test images of a class."""
     def save(name: str, dataset: TestSet, outputs: ClassOutputs) -> None:
         vmin, vmax = float(outputs.maps.min()), float(outputs.maps.max())
         for i in np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)):
@@ -58,7 +60,8 @@ def map_saver(out_dir: Path, count: int, cfg: dict):
             title = f"{sample.defect}/{sample.image.name}  score {float(outputs.scores[i]):.4f}"
             view = "" if sample.view is None else f"_view{sample.view}"
             save_panel(out_dir / "maps" / class_folder(name) / f"{sample.defect}_{sample.image.stem}{view}.png", rgb,
-                       outputs.maps[i].cpu().numpy(), vmin, vmax, outputs.masks[i].cpu().numpy(), title)
+                       outputs.maps[i].cpu().numpy(), vmin, vmax,
+                       None if outputs.masks is None else outputs.masks[i].cpu().numpy(), title)
     return save
 
 

@@ -11,8 +11,9 @@ Resize((image_size, image_size)) and CenterCrop(crop_size), NOT normalised: the 
 is inside, so the deployed side only resizes and crops (predict_onnx.py does exactly that). The batch
 dimension is dynamic. Outputs: `anomaly_map` (B x map_size x map_size, smoothed as evaluation smooths
 it) and `score` (B, the mean of the top max_ratio of the map). The ONNX metadata holds the per-class
-F1-max image thresholds the run stored, the test-set colour scale of the maps, the resize and crop
-sizes and the run's config.
+F1-max image thresholds the run stored, the test-set colour scale of the maps, the score scale of
+predict_onnx.py --normalize (image and map min, F1-max threshold, max), the resize and crop sizes and
+the run's config.
 
 Before writing, the exporter runs ONNX Runtime and PyTorch on the same images (the run's test images if
 its data is there or --images is given, else generated ones) at batch 1 and 3, prints max |diff| of maps
@@ -37,7 +38,7 @@ from models.registry import check_encoder_weights
 from predict_onnx import find_images
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, add_config_flags, collect_overrides, dump, parse_known, validate
-from utils.evaluation import predict_maps
+from utils.evaluation import normalization_scales, predict_maps
 from utils.run_setup import output_folder, run_cli
 
 EXPORT_KEYS = ("encoder_weights", "weights_dir")
@@ -94,7 +95,7 @@ def export_graph(graph: ScoringGraph, crop_size: int, path: Path) -> None:
 
 
 def metadata(checkpoint: dict, cfg: dict) -> dict[str, str]:
-    """What the deployed side needs besides the graph: preprocessing sizes, thresholds, colour scale."""
+    """What the deployed side needs besides the graph: preprocessing sizes, thresholds, colour and score scales."""
     results = checkpoint.get("results") or {}
     return {"dinomaly.format": "1",
             "dinomaly.input": (f"float32 RGB in [0, 1], B x 3 x {cfg['crop_size']} x {cfg['crop_size']}: "
@@ -104,6 +105,7 @@ def metadata(checkpoint: dict, cfg: dict) -> dict[str, str]:
             "dinomaly.classes": json.dumps(list(checkpoint["classes"])),
             "dinomaly.image_thresholds": json.dumps({k: r["image_threshold"] for k, r in results.items()}),
             "dinomaly.colour_scale": json.dumps({k: [r["map_min"], r["map_max"]] for k, r in results.items()}),
+            "dinomaly.normalization": json.dumps(normalization_scales(results)),
             "dinomaly.onnxruntime": "checked with graph_optimization_level ORT_ENABLE_BASIC",
             "dinomaly.checkpoint": str(checkpoint["path"]), "dinomaly.step": str(checkpoint.get("step", "")),
             "dinomaly.config": dump(cfg)}

@@ -6,9 +6,10 @@
     python predict.py --checkpoint runs/mvtec3d_.../checkpoint.pth --images ../mvtec_3d_dinomaly/bagel/test --out p
                       # an MVTec 3D-AD run reads every rgb/<name>.png with its z/<name>.tiff (a prepared class
                       # folder, or any folder of rgb/ + z/ pairs)
+    python predict.py ... --normalize --class_name bottle      # scores and heatmaps in [0, 1], 0.5 = threshold
 
-Writes <out>/scores.csv (file, score[, anomalous]) and <out>/heatmaps/*.png (image | heatmap). Files
-that cannot be read are listed; if no image could be processed the exit status is non-zero.
+Writes <out>/scores.csv (file, score[, raw_score][, anomalous]) and <out>/heatmaps/*.png (image | heatmap).
+Files that cannot be read are listed; if no image could be processed the exit status is non-zero.
 """
 import argparse
 import sys
@@ -21,10 +22,11 @@ from datasets import DatasetLayoutError, sample_reader
 from datasets.folder import to_input
 from datasets.transforms import image_transform
 from models import input_normalization
-from predict_onnx import UserError, find_images, output_name, pick_colour_scale, pick_threshold, write_scores
+from predict_onnx import (NORMALIZE_HELP, UserError, find_images, output_name, pick_colour_scale, pick_score_scale,
+                          pick_threshold, shown, write_scores)
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import add_config_flags, collect_overrides, parse_known, validate
-from utils.evaluation import predict_maps
+from utils.evaluation import normalization_scales, predict_maps
 from utils.device import resolve_device
 from utils.run_setup import output_folder, run_cli
 from utils.visualize import save_panel, to_display_image
@@ -33,10 +35,20 @@ SCRIPT_ERRORS = (UserError,)  # this script's own user mistakes, beside utils.ru
 PREDICT_KEYS = ("device", "batch_size", "encoder_weights", "weights_dir", "max_ratio")
 
 
-def resolve_threshold(value: Optional[str], class_name: Optional[str], checkpoint: dict) -> Optional[float]:
-    """None, a number, or 'f1': the image F1-max threshold the checkpoint stored for `class_name`."""
+def resolve_threshold(value: Optional[str], class_name: Optional[str], checkpoint: dict,
+                      normalized: bool) -> Optional[float]:
+    """None, a number, or 'f1': the image F1-max threshold the checkpoint stored for `class_name` (0.5, and
+    a number on the [0, 1] scale, when `normalized`)."""
     results = checkpoint.get("results") or {}
+    if normalized:
+        return pick_threshold(value, class_name, dict.fromkeys(normalization_scales(results), 0.5))
     return pick_threshold(value, class_name, {name: row["image_threshold"] for name, row in results.items()})
+
+
+def score_scale(checkpoint: dict, class_name: Optional[str]) -> dict[str, list[float]]:
+    """The --normalize scale of the class that training's last evaluation stored in the checkpoint."""
+    return pick_score_scale(class_name, normalization_scales(checkpoint.get("results") or {}),
+                            f"checkpoint {checkpoint['path']}")
 
 
 def colour_scale(checkpoint: dict, class_name: Optional[str]) -> Optional[tuple[float, float]]:
@@ -67,18 +79,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threshold", help="a score value, or 'f1' for the threshold stored in the checkpoint")
     parser.add_argument("--class_name", help="which class's stored threshold and colour scale to use")
     parser.add_argument("--no_heatmaps", action="store_true", help="write only scores.csv")
+    parser.add_argument("--normalize", action="store_true", help=NORMALIZE_HELP)
     add_config_flags(parser, PREDICT_KEYS)
     args = parse_known(parser, argv)
 
     checkpoint = load_checkpoint(Path(args.checkpoint))
     cfg = validate({**checkpoint["config"], **collect_overrides(args, PREDICT_KEYS)}, "checkpoint config + command line")
-    threshold = resolve_threshold(args.threshold, args.class_name, checkpoint)
+    normalization = score_scale(checkpoint, args.class_name) if args.normalize else None
+    threshold = resolve_threshold(args.threshold, args.class_name, checkpoint, args.normalize)
     root = Path(args.images)
     paths = find_inputs(root, cfg)
     device = resolve_device(cfg["device"])
     model = model_from_checkpoint(checkpoint, cfg).to(device).eval()
-    normalization = input_normalization(cfg)
-    transform = image_transform(cfg["image_size"], cfg["crop_size"], *normalization)
+    mean_std = input_normalization(cfg)
+    transform = image_transform(cfg["image_size"], cfg["crop_size"], *mean_std)
     read = sample_reader(cfg)
     scale = colour_scale(checkpoint, args.class_name)
     out = output_folder(args.out, "--out")
@@ -97,16 +111,16 @@ def main(argv: list[str]) -> int:
             continue
         images = torch.stack(tensors)
         maps, scores = predict_maps(model, images.to(device), cfg)
-        for path, image, amap, score in zip(batch, images, maps.cpu().numpy(), scores.tolist()):
-            rows.append((path, score))
+        for path, image, amap, raw_score in zip(batch, images, maps.cpu().numpy(), scores.tolist()):
+            score, amap, vmin, vmax = shown(raw_score, amap, normalization, scale)
+            rows.append((path, score, raw_score))
             if not args.no_heatmaps:
-                vmin, vmax = scale or (float(amap.min()), float(amap.max()))
                 verdict = "" if threshold is None else ("  ANOMALOUS" if score >= threshold else "  normal")
-                display = to_display_image(image[:3], cfg["map_size"], *normalization)  # RGB of RGB-D
+                display = to_display_image(image[:3], cfg["map_size"], *mean_std)  # RGB of RGB-D
                 save_panel(out / "heatmaps" / output_name(path, root), display,
                            amap, vmin, vmax, title=f"{path.name}  score {score:.4f}{verdict}")
 
-    return write_scores(out, rows, failed, threshold)
+    return write_scores(out, rows, failed, threshold, args.normalize)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ ONNX Runtime only. Copy this one file and the .onnx file to the machine that sco
     python predict_onnx.py --model dinomaly.onnx --images new_parts/ --out predictions
     python predict_onnx.py ... --threshold f1 --class_name bottle  # normal/anomalous by the stored F1-max threshold
     python predict_onnx.py ... --threshold 0.042                   # or by a value of the image score
+    python predict_onnx.py ... --normalize --class_name bottle     # scores and maps in [0, 1], 0.5 = threshold
 
-Writes what predict.py writes: <out>/scores.csv (file, score[, anomalous]) and <out>/heatmaps/*.png
-(image | heatmap, on the test-set colour scale the model carries). The preprocessing is the run's, bit
-for bit: images are resized as PIL's bilinear resize does it (re-implemented below in integer
-arithmetic, so the model sees the same pixels as in training), centre-cropped as torchvision crops and
-scaled to [0, 1]; the model normalises inside. PNG, BMP and TIFF decode identically in OpenCV and PIL;
+Writes what predict.py writes: <out>/scores.csv (file, score[, raw_score][, anomalous]) and
+<out>/heatmaps/*.png (image | heatmap, on the test-set colour scale the model carries). The
+preprocessing is the run's, bit for bit: images are resized as PIL's bilinear resize does it
+(re-implemented below in integer arithmetic, so the model sees the same pixels as in training),
+centre-cropped as torchvision crops and scaled to [0, 1]; the model normalises inside. PNG, BMP and TIFF decode identically in OpenCV and PIL;
 JPEG decoders may differ in the last bit of a few pixels.
 """
 import argparse
@@ -26,6 +27,10 @@ import numpy as np
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # as the repository's datasets/folder.py
 PRECISION_BITS = 32 - 8 - 2  # PIL's fixed-point precision for 8-bit images
+
+
+NORMALIZE_HELP = ("scores and heatmaps in [0, 1]: the class's stored F1-max threshold at 0.5, the test-set min and "
+                  "max of the run's last evaluation at 0 and 1 (clipped); --threshold is then on this scale (f1 = 0.5)")
 
 
 class UserError(ValueError):
@@ -150,11 +155,21 @@ class ExportedModel:
         self.image_size, self.crop_size = int(meta["dinomaly.image_size"]), int(meta["dinomaly.crop_size"])
         self.thresholds = json.loads(meta["dinomaly.image_thresholds"])
         self.colour_scales = json.loads(meta["dinomaly.colour_scale"])
+        self.score_scales = json.loads(meta.get("dinomaly.normalization", "{}"))  # older exports have none
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run(None, {"images": batch})
         return maps, scores
 
+
+
+def pick_class(class_name: Optional[str], stored: dict, flag: str) -> str:
+    """`class_name`, or the only class `stored` has; else a UserError naming `flag` and the classes."""
+    if class_name is None and len(stored) == 1:
+        return next(iter(stored))
+    if class_name not in stored:
+        raise UserError(f"{flag} needs --class_name, one of: {', '.join(stored) or '(none stored)'}")
+    return class_name
 
 
 def pick_threshold(value: Optional[str], class_name: Optional[str], thresholds: dict[str, float]) -> Optional[float]:
@@ -167,11 +182,39 @@ def pick_threshold(value: Optional[str], class_name: Optional[str], thresholds: 
             return float(value)
         except ValueError:
             raise UserError(f"--threshold must be a number or 'f1', got '{value}'") from None
-    if class_name is None and len(thresholds) == 1:
-        class_name = next(iter(thresholds))
-    if class_name not in thresholds:
-        raise UserError(f"--threshold f1 needs --class_name, one of: {', '.join(thresholds) or '(none stored)'}")
-    return thresholds[class_name]
+    return thresholds[pick_class(class_name, thresholds, "--threshold f1")]
+
+
+def pick_score_scale(class_name: Optional[str], scales: dict[str, dict], source: str) -> dict[str, list[float]]:
+    """The --normalize scale of `class_name` (image and pixel min, threshold, max); one line when `source`
+    (a checkpoint or model written before the scale was stored) has none."""
+    if not scales:
+        raise UserError(f"--normalize: {source} stores no score scale (written before --normalize existed); "
+                        "train it again with this version, or score without --normalize")
+    return scales[pick_class(class_name, scales, "--normalize")]
+
+
+def normalize(values, scale: list[float]) -> np.ndarray:
+    """Scores or map values to [0, 1] by a stored (min, F1-max threshold, max): [min, threshold] goes
+    linearly to [0, 0.5], [threshold, max] to [0.5, 1], and what lies outside is clipped. Monotone, and
+    the threshold lands on 0.5 exactly, so `normalised >= 0.5` is the stored F1-max verdict. (anomalib's
+    min-max normaliser also puts the threshold at 0.5, with one slope, 1 / (max - min), on both sides.)"""
+    low, threshold, high = scale
+    values = np.asarray(values, dtype=np.float64)
+    below = 0.5 * (values - low) / max(threshold - low, 1e-12)
+    above = 0.5 + 0.5 * (values - threshold) / max(high - threshold, 1e-12)
+    return np.clip(np.where(values < threshold, below, above), 0.0, 1.0)
+
+
+def shown(score: float, amap: np.ndarray, score_scale: Optional[dict], colour_scale: Optional[tuple[float, float]]
+          ) -> tuple[float, np.ndarray, float, float]:
+    """The score and map as written, normalised with `score_scale` (--normalize) or raw, and the heatmap's
+    colour range: [0, 1] normalised, else the stored test-set range (or the map's own). predict.py shows
+    them the same way."""
+    if score_scale is not None:
+        return float(normalize(score, score_scale["image"])), normalize(amap, score_scale["pixel"]), 0.0, 1.0
+    vmin, vmax = colour_scale or (float(amap.min()), float(amap.max()))
+    return score, amap, vmin, vmax
 
 
 def pick_colour_scale(class_name: Optional[str], scales: dict[str, tuple[float, float]]) -> Optional[tuple[float, float]]:
@@ -199,10 +242,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--class_name", help="which class's stored threshold and colour scale to use")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--no_heatmaps", action="store_true", help="write only scores.csv")
+    parser.add_argument("--normalize", action="store_true", help=NORMALIZE_HELP)
     args = parser.parse_args(argv)
 
     model = ExportedModel(Path(args.model))
-    threshold = pick_threshold(args.threshold, args.class_name, model.thresholds)
+    score_scale = pick_score_scale(args.class_name, model.score_scales, args.model) if args.normalize else None
+    threshold = pick_threshold(args.threshold, args.class_name,
+                               dict.fromkeys(model.score_scales, 0.5) if args.normalize else model.thresholds)
     root = Path(args.images)
     paths = find_images(root)
     out = output_folder(Path(args.out))
@@ -222,10 +268,10 @@ def main(argv: list[str]) -> int:
         if not batch:
             continue
         maps, scores = model(np.stack(crops))
-        for path, crop, amap, score in zip(batch, crops, maps, scores.tolist()):
-            rows.append((path, score))
+        for path, crop, amap, raw_score in zip(batch, crops, maps, scores.tolist()):
+            score, amap, vmin, vmax = shown(raw_score, amap, score_scale, scale)
+            rows.append((path, score, raw_score))
             if not args.no_heatmaps:
-                vmin, vmax = scale or (float(amap.min()), float(amap.max()))
                 verdict = "" if threshold is None else ("  ANOMALOUS" if score >= threshold else "  normal")
                 panel = heatmap_panel(crop, amap, vmin, vmax, f"{path.name}  score {score:.4f}{verdict}")
                 target = out / "heatmaps" / output_name(path, root)
@@ -233,23 +279,27 @@ def main(argv: list[str]) -> int:
                 if not cv2.imwrite(str(target), np.ascontiguousarray(panel[..., ::-1])):
                     raise UserError(f"could not write {target}")
 
-    return write_scores(out, rows, [(path, "not an image OpenCV can decode") for path in failed], threshold)
+    return write_scores(out, rows, [(path, "not an image OpenCV can decode") for path in failed], threshold,
+                        args.normalize)
 
 
-def write_scores(out: Path, rows: list[tuple[Path, float]], failed: list[tuple[Path, str]],
-                 threshold: Optional[float]) -> int:
-    """<out>/scores.csv (file, score[, anomalous]), the unreadable files on stderr, a summary line; the exit
-    status (1 when no image could be scored). predict.py reports the same way."""
+def write_scores(out: Path, rows: list[tuple[Path, float, float]], failed: list[tuple[Path, str]],
+                 threshold: Optional[float], normalized: bool = False) -> int:
+    """<out>/scores.csv (file, score[, raw_score when `normalized`][, anomalous]) from rows (file, score as
+    shown, raw score), the unreadable files on stderr, a summary line; the exit status (1 when no image
+    could be scored). predict.py reports the same way."""
     with open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "score"] + ([] if threshold is None else ["anomalous"]))
-        for path, score in rows:
-            writer.writerow([str(path), f"{score:.6f}"] + ([] if threshold is None else [int(score >= threshold)]))
+        writer.writerow(["file", "score"] + (["raw_score"] if normalized else [])
+                        + ([] if threshold is None else ["anomalous"]))
+        for path, score, raw_score in rows:
+            writer.writerow([str(path), f"{score:.6f}"] + ([f"{raw_score:.6f}"] if normalized else [])
+                            + ([] if threshold is None else [int(score >= threshold)]))
     for path, reason in failed:
         print(f"could not read {path}: {reason}", file=sys.stderr)
     summary = f"{len(rows)} images scored, {len(failed)} unreadable; results in {out}"
     if threshold is not None:
-        summary += f"; threshold {threshold:.6f}: {sum(s >= threshold for _, s in rows)} anomalous"
+        summary += f"; threshold {threshold:.6f}: {sum(row[1] >= threshold for row in rows)} anomalous"
     print(summary)
     return 0 if rows else 1
 

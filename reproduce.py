@@ -112,7 +112,8 @@ def cell(ours: Optional[float], paper: Optional[float]) -> list[str]:
     return [text(ours), text(paper), "-" if ours is None or paper is None else f"{ours - paper:+.2f}"]
 
 
-def mean_row(run_dir: Path) -> Optional[dict[str, float]]:
+def mean_row(run_dir: Path) -> Optional[dict[str, Optional[float]]]:
+    """The run's mean row (None: not run yet); an empty cell (masks: none) is None, shown as '-'."""
     rows = {r["class"]: r for r in read_rows(run_dir / "results.csv")}
     if "mean" not in rows:
         return None

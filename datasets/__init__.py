@@ -88,7 +88,7 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
     elif cfg["dataset"] == "mvtec3d":
         samples = mvtec3d.list_test_samples(root, class_name)
     else:
-        samples = folder.list_test_samples(root, class_name)
+        samples = folder.list_test_samples(root, class_name, cfg["masks"])
     return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), read=sample_reader(cfg))
 
 

@@ -9,6 +9,8 @@ MIAD, Uni-Medical, MANTA-Tiny, your own).
 The normal folders may be named `ok` instead of `good` (BTAD). Masks are paired to images by name,
 never by position. The layout is checked when a dataset is built: a missing folder, an empty class, a
 defect image without a mask or a mask without an image is an error naming the path, before any training.
+With `masks: none` (image labels only) the ground_truth folder is not read at all: a defect image is an
+anomalous image without a mask, and only the image metrics are computed.
 """
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -166,7 +168,8 @@ def _pair_masks(images: list[Path], mask_dir: Path) -> list[Path]:
     return paired
 
 
-def list_test_samples(root: Path, class_name: str) -> list[TestSample]:
+def list_test_samples(root: Path, class_name: str, masks: str = "required") -> list[TestSample]:
+    """The test images of a class with their labels and, with `masks` required, their paired masks."""
     class_dir = _require_dir(Path(root) / class_name, f"class folder '{class_name}'")
     test_dir = _require_dir(class_dir / "test", f"test folder of class '{class_name}'")
     normal_dir = normal_folder(test_dir, f"normal test images of class '{class_name}'")
@@ -176,7 +179,11 @@ def list_test_samples(root: Path, class_name: str) -> list[TestSample]:
         if defect_dir == normal_dir:
             samples += [TestSample(p, None, 0, "good", class_name) for p in images]
             continue
-        mask_dir = _require_dir(class_dir / "ground_truth" / defect_dir.name, f"masks of defect '{defect_dir.name}'")
+        if masks == "none":
+            samples += [TestSample(p, None, 1, defect_dir.name, class_name) for p in images]
+            continue
+        mask_dir = _require_dir(class_dir / "ground_truth" / defect_dir.name, f"masks of defect '{defect_dir.name}' "
+                                "(a data set with image labels only: --masks none)")
         samples += [TestSample(p, m, 1, defect_dir.name, class_name) for p, m in zip(images, _pair_masks(images, mask_dir))]
     if not any(s.label == 0 for s in samples) or not any(s.label == 1 for s in samples):
         raise DatasetLayoutError(f"{test_dir} needs both normal (test/{normal_dir.name}) and defect images for "

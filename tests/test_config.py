@@ -41,6 +41,8 @@ def test_command_line_overrides_every_type():
     (["--crop_size", "476"], "crop_size 476 is larger than image_size 448"),
     (["--batch_size", "0"], "'batch_size' must be > 0"),
     (["--warmup_iters", "20000"], "warmup_iters (20000) must be below total_iters"),
+    (["--masks", "none", "--dataset", "manta"], "masks 'none' needs a dataset in the MVTec layout; manta"),
+    (["--masks", "no"], "'masks' must be one of required, none"),
 ])
 def test_bad_values_are_one_line_errors(argv, message):
     with pytest.raises(ConfigError) as error:

@@ -73,6 +73,16 @@ def test_missing_ground_truth_folder(data):
         list_test_samples(data, "checker")
 
 
+def test_image_labels_only_read_no_ground_truth(data):
+    with_masks = list_test_samples(data, "checker")
+    shutil.rmtree(data / "checker" / "ground_truth")
+    with pytest.raises(DatasetLayoutError, match=r"missing masks of defect .*--masks none"):
+        list_test_samples(data, "checker")  # the default, masks: required
+    samples = list_test_samples(data, "checker", masks="none")
+    assert [(s.image.name, s.label, s.defect) for s in samples] == [(s.image.name, s.label, s.defect) for s in with_masks]
+    assert all(s.mask is None for s in samples) and sum(s.label for s in samples) == 12
+
+
 def test_unreadable_image_is_named(data):
     bad = data / "stripes" / "train" / "good" / "000.png"
     bad.write_bytes(b"this is not a png")

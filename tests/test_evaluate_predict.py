@@ -164,3 +164,84 @@ def test_main_table_run_shows_the_papers_per_class_numbers(tmp_path):
     assert f"90.00 / {screw_pap:.1f} / {90 - screw_pap:+.2f}" in text
     mean_auroc = (paper["bottle"][0] + paper["screw"][0]) / 2
     assert f"| mean | 90.00 / {mean_auroc:.1f} / {90 - mean_auroc:+.2f}" in text
+
+
+
+def test_a_run_with_image_labels_only(synthetic_data, tiny_weights, trained_run, tmp_path, capsys):
+    """masks: none needs no ground_truth folder and leaves the pixel cells empty; the same model scored
+    with the masks gives the same image metrics, so masks: none changes nothing else."""
+    import compare_runs
+    import reproduce
+    import train_uni
+    from conftest import tiny_run_args
+    from test_usability import assert_one_line_error
+    labels_only = tmp_path / "data"
+    shutil.copytree(synthetic_data, labels_only, ignore=shutil.ignore_patterns("ground_truth"))
+    args = tiny_run_args(labels_only, tiny_weights, tmp_path / "runs", total_iters=2, warmup_iters=1, image_size=64,
+                         crop_size=56, classes="stripes")
+    assert_one_line_error(run_in_process(train_uni, args, capsys), "missing masks of defect")  # masks: required
+    assert run_in_process(train_uni, args + ["--masks", "none"], capsys).returncode == 0
+    run = tmp_path / "runs" / "run"
+    image_only = read_rows(run / "results.csv")
+    assert [r["class"] for r in image_only] == ["stripes", "mean"]
+    pixel = ("P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD")
+    assert all([row[k] for k in pixel] == [""] * 5 and float(row["I-AUROC"]) > 0 for row in image_only)
+    assert "image labels only (masks: none)" in (run / "results.md").read_text()
+    assert "image labels only (masks: none)" in (run / "log.txt").read_text()
+    assert all(r["P-AP"] == "" and r["I-AUROC"] for r in read_rows(run / "eval_metrics.csv"))
+    assert all(r["P-AUROC"] == "" and r["I-AUROC"] for r in read_rows(run / "results_per_defect.csv"))
+    assert (run / "metrics.png").is_file() and (run / "per_class.png").is_file()
+    stored = load_checkpoint(run / "checkpoint.pth", note=lambda _: None)["results"]["stripes"]
+    assert stored["P-AUROC"] is None and stored["pixel_threshold"] == stored["image_threshold"]
+
+    result = run_in_process(evaluate, ["--checkpoint", run, "--out", tmp_path / "eval", "--masks", "required",
+                                       "--data_path", synthetic_data, "--save_maps", 1], capsys)
+    with_masks = read_rows(tmp_path / "eval" / "results.csv")
+    assert result.returncode == 0 and all(float(row[k]) > 0 for row in with_masks for k in pixel)
+    image = ("class", "I-AUROC", "I-AP", "I-F1max")
+    assert [[row[k] for k in image] for row in with_masks] == [[row[k] for k in image] for row in image_only]
+    assert reproduce.mean_row(run) == {**{k: float(image_only[-1][k]) for k in image[1:]}, **dict.fromkeys(pixel[:4])}
+    assert run_in_process(compare_runs, [trained_run, run, "--out", tmp_path / "cmp"], capsys).returncode == 0
+    means = (tmp_path / "cmp" / "comparison.md").read_text().split("## Mean over classes")[1]
+    assert f"| {run} | {float(image_only[-1]['I-AUROC']):.2f} |" in means and means.count("|  |  |  |  |  |") == 1
+
+
+def test_normalize_puts_the_threshold_at_one_half_and_keeps_the_order():
+    from predict_onnx import normalize
+    scale = [0.2, 0.5, 1.4]  # min, F1-max threshold, max
+    values = np.concatenate([np.random.default_rng(0).uniform(-0.5, 2.0, 1000), scale])
+    got = normalize(values, scale)
+    assert np.abs(got - np.interp(values, scale, [0.0, 0.5, 1.0])).max() <= 1e-12  # piecewise linear, clipped
+    assert normalize(scale, scale).tolist() == [0.0, 0.5, 1.0]
+    assert np.all(np.diff(got[np.argsort(values)]) >= 0)
+    assert normalize([0.1, 0.2, 0.3], [0.2, 0.2, 0.2]).tolist() == [0.0, 0.5, 1.0]  # a degenerate range: no NaN
+
+
+def test_predict_normalize_writes_scores_in_0_1_with_the_threshold_at_one_half(trained_run, synthetic_data, tmp_path,
+                                                                              capsys):
+    from test_usability import assert_one_line_error
+    images = synthetic_data / "stripes" / "test"
+    args = ["--checkpoint", trained_run / "checkpoint.pth", "--images", images, "--normalize"]
+    result = run_in_process(predict, args + ["--class_name", "stripes", "--threshold", "f1", "--out", tmp_path / "p"],
+                            capsys)
+    assert result.returncode == 0 and "threshold 0.500000" in result.stdout
+    row = load_checkpoint(trained_run / "checkpoint.pth", note=lambda _: None)["results"]["stripes"]
+    scores = read_rows(tmp_path / "p" / "scores.csv")
+    raw = np.array([float(r["raw_score"]) for r in scores])
+    low, threshold, high = row["score_min"], row["image_threshold"], row["score_max"]
+    expected = np.interp(raw, [low, threshold, high], [0.0, 0.5, 1.0])
+    slope = 0.5 / min(threshold - low, high - threshold)  # raw_score is written to 6 decimals
+    assert np.abs(np.array([float(r["score"]) for r in scores]) - expected).max() <= 1e-6 + 5e-7 * slope
+    assert all(r["anomalous"] == str(int(s >= threshold)) for r, s in zip(scores, raw) if abs(s - threshold) > 1e-6)
+    assert {r["anomalous"] for r in scores} == {"0", "1"} and len(list((tmp_path / "p" / "heatmaps").iterdir())) == 20
+    assert_one_line_error(run_in_process(predict, args + ["--out", tmp_path / "q"], capsys),
+                          "--normalize needs --class_name, one of: checker, stripes")
+
+    old = load_checkpoint(trained_run / "checkpoint.pth", note=lambda _: None)
+    old["results"] = {name: {k: v for k, v in r.items() if k not in ("score_min", "score_max")}
+                      for name, r in old["results"].items()}
+    save_checkpoint(tmp_path / "old.pth", {k: v for k, v in old.items() if k not in ("format", "path")})
+    assert_one_line_error(run_in_process(predict, ["--checkpoint", tmp_path / "old.pth", "--images", images,
+                                                   "--normalize", "--out", tmp_path / "o"], capsys),
+                          f"{tmp_path / 'old.pth'} stores no score scale")
+    assert not (tmp_path / "o").exists()

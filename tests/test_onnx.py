@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements-onnx.txt)")
-pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements-onnx.txt)")
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements-onnx.txt)")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install -r requirements-onnx.txt)")
 
 import export  # noqa: E402
@@ -69,24 +69,36 @@ def test_the_graph_reproduces_pytorch_at_batch_1_and_3(exported, trained_run, ti
     meta = session.get_modelmeta().custom_metadata_map
     thresholds = json.loads(meta["dinomaly.image_thresholds"])
     assert thresholds == {name: row["image_threshold"] for name, row in checkpoint["results"].items()}
+    assert json.loads(meta["dinomaly.normalization"]) == {name: {
+        "image": [row["score_min"], row["image_threshold"], row["score_max"]],
+        "pixel": [row["map_min"], row["pixel_threshold"], row["map_max"]]} for name, row in checkpoint["results"].items()}
     assert f"encoder: {cfg['encoder']}" in meta["dinomaly.config"]
     assert (int(meta["dinomaly.image_size"]), int(meta["dinomaly.crop_size"])) == (cfg["image_size"], cfg["crop_size"])
 
 
-def scores_of(folder: Path) -> dict[str, float]:
+def scores_of(folder: Path, column: str = "score") -> dict[str, float]:
     with open(folder / "scores.csv") as f:
-        return {r["file"]: float(r["score"]) for r in csv.DictReader(f)}
+        return {r["file"]: float(r[column]) for r in csv.DictReader(f)}
 
 
 def test_the_torch_free_scorer_gives_predict_py_scores(exported, trained_run, tiny_weights, synthetic_data, tmp_path):
+    """Raw and --normalize scores alike: the scale travels in the model's metadata."""
     images = synthetic_data / "stripes" / "test"
+    normalized = ["--normalize", "--class_name", "stripes"]
     run_script("predict.py", ["--checkpoint", trained_run / "checkpoint.pth", "--images", images, "--out",
-                              tmp_path / "torch", "--encoder_weights", tiny_weights])
-    result = run_without_torch("predict_onnx.py", ["--model", exported, "--images", images, "--out", tmp_path / "onnx"])
+                              tmp_path / "torch", "--encoder_weights", tiny_weights] + normalized)
+    result = run_without_torch("predict_onnx.py", ["--model", exported, "--images", images, "--out", tmp_path / "onnx"]
+                               + normalized)
     assert result.returncode == 0, result.stderr[-3000:]
-    ours, reference = scores_of(tmp_path / "onnx"), scores_of(tmp_path / "torch")
+    ours, reference = scores_of(tmp_path / "onnx", "raw_score"), scores_of(tmp_path / "torch", "raw_score")
     assert set(ours) == set(reference) and len(ours) == 20  # 8 good, 4 of each of 3 defects
     assert all(abs(ours[k] - reference[k]) <= 1e-5 * abs(reference[k]) + 1e-6 for k in ours)
+    row = load_checkpoint(trained_run / "checkpoint.pth", note=lambda _: None)["results"]["stripes"]
+    slope = 0.5 / min(row["image_threshold"] - row["score_min"], row["score_max"] - row["image_threshold"])
+    tolerance = slope * (1e-5 * row["score_max"] + 1e-6) + 2e-6  # the raw tolerance through the steepest side
+    ours, reference = scores_of(tmp_path / "onnx"), scores_of(tmp_path / "torch")
+    assert all(abs(ours[k] - reference[k]) <= tolerance for k in ours)
+    assert 0 <= min(ours.values()) < 0.5 < max(ours.values()) <= 1
     assert sorted(p.name for p in (tmp_path / "onnx" / "heatmaps").iterdir()) == sorted(
         p.name for p in (tmp_path / "torch" / "heatmaps").iterdir())
 
@@ -169,6 +181,15 @@ def test_mistakes_on_the_export_and_scoring_paths_are_one_line(exported, trained
              (["--model", exported, "--images", images, "--threshold", "f1", "--out", tmp_path / "o"], "--class_name")]
     for args, culprit in cases:
         assert_one_line_error(run_without_torch("predict_onnx.py", args), culprit)
+    old = onnx.load(str(exported))  # an export from before the score scale was stored
+    kept = [(p.key, p.value) for p in old.metadata_props if p.key != "dinomaly.normalization"]
+    del old.metadata_props[:]
+    for key, value in kept:
+        old.metadata_props.add(key=key, value=value)
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    assert_one_line_error(run_without_torch("predict_onnx.py", ["--model", tmp_path / "old.onnx", "--images", images,
+                                                                "--normalize", "--out", tmp_path / "o"]),
+                          f"{tmp_path / 'old.onnx'} stores no score scale")
     no_runtime = run_without_torch("predict_onnx.py", cases[0][0], blocked_extra=("onnxruntime",))
     assert_one_line_error(no_runtime, "pip install -r requirements-onnx.txt")
 

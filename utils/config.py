@@ -68,6 +68,7 @@ CHOICES = {
     "train_augment": ("none", "strong"),
     "realiad_split": ("mv", "sv"),
     "realiad_maskless": ("error", "normal"),
+    "masks": ("required", "none"),
     "precision": ("fp32", "bf16", "fp16"),
     "image_cache": ("none", "memory", "disk"),
     "cache_features": ("none", "memory", "disk"),
@@ -183,6 +184,10 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
     if cfg["modality"] == "rgbd" and cfg["dataset"] != "mvtec3d":
         raise ConfigError(f"{source}: modality rgbd needs dataset mvtec3d (RGB images with depth maps), "
                           f"got dataset {cfg['dataset']}")
+    if cfg["masks"] == "none" and cfg["dataset"] in ("realiad", "realiad_variety", "manta"):
+        raise ConfigError(f"{source}: masks 'none' needs a dataset in the MVTec layout; {cfg['dataset']} reads its "
+                          "labels from its masks or JSON files" + (" (see realiad_maskless)" if "realiad" in
+                                                                   cfg["dataset"] else ""))
     if cfg["realiad_split"] != "mv" and cfg["dataset"] == "realiad_variety":
         raise ConfigError(f"{source}: realiad_split {cfg['realiad_split']!r}: Real-IAD Variety has one split (mv)")
     if cfg["dataset"] == "mulsen" and cfg["batch_size"] % 2:

@@ -1,7 +1,8 @@
 """Training curves without a server or an account: CSVs and PNG plots in the run directory.
 
     train_steps.csv      one row per step: loss, lr, grad norm, hard-mining easy share, s/step, images/s
-    eval_metrics.csv     one row per class (and the mean) per evaluation, metrics in percent
+    eval_metrics.csv     one row per class (and the mean) per evaluation, metrics in percent (empty: not
+                         computed, the pixel metrics of a run with masks: none)
     curves.png           loss and lr against step          (refreshed at each log line and evaluation)
     metrics.png          mean metrics against step         (refreshed at each evaluation)
     per_class.png        the final metrics of every class  (at the end)
@@ -15,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display needed, safe in data-loader workers and under torchrun
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .evaluation import TABLE_COLUMNS, mean_row  # noqa: E402
+from .evaluation import TABLE_COLUMNS, mean_row, percent  # noqa: E402
 
 STEP_COLUMNS = ("step", "loss", "lr", "grad_norm", "hm_easy_share", "s_per_step", "images_per_s")
 EVAL_COLUMNS = ("step", "class") + TABLE_COLUMNS
@@ -64,7 +65,7 @@ class Curves:
     def log_eval(self, step: int, rows: dict[str, dict[str, float]]) -> None:
         table = list(rows.items()) + [("mean", mean_row(rows))]
         self._append(self.eval_csv, EVAL_COLUMNS, [
-            {"step": step, "class": name, **{k: f"{100 * row[k]:.4f}" for k in TABLE_COLUMNS}} for name, row in table])
+            {"step": step, "class": name, **{k: percent(row[k], 4) for k in TABLE_COLUMNS}} for name, row in table])
         self.plot()
 
     def plot(self) -> None:
@@ -104,7 +105,7 @@ def plot_metrics(rows: list[dict[str, str]], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     steps = [int(r["step"]) for r in mean]
-    for column in TABLE_COLUMNS:
+    for column in [c for c in TABLE_COLUMNS if all(r[c] for r in mean)]:  # not the empty pixel columns
         ax.plot(steps, [float(r[column]) for r in mean], marker="o", label=column)
     ax.set_xlabel("step")
     ax.set_ylabel("mean over classes (%)")
@@ -116,6 +117,7 @@ def plot_per_class(rows: dict[str, dict[str, float]], path: Path, columns=("I-AU
                    ) -> None:
     names = list(rows) + ["mean"]
     table = {**rows, "mean": mean_row(rows)}
+    columns = [c for c in columns if table["mean"][c] is not None]  # masks: none has no pixel metrics
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) * len(columns) / 2), 5))
     width = 0.8 / len(columns)
     for j, column in enumerate(columns):

@@ -15,11 +15,15 @@ from torch.utils.data import DataLoader
 
 from datasets import TestSet
 from .anomaly_map import anomaly_maps, image_scores
-from .metrics import METRIC_NAMES, class_metrics, mean_anomaly_detection, ranking_metrics
+from .metrics import (METRIC_NAMES, PIXEL_METRICS, class_metrics, image_metrics, mean_anomaly_detection,
+                      ranking_metrics)
 from .modality_metrics import EMPTY, MODALITY_COLUMNS, has_both, modality_row, objects_of
 
 TABLE_COLUMNS = METRIC_NAMES + ("mAD",)
 OBJECT_COLUMNS = ("O-AUROC", "O-AP", "O-F1max")  # multi-view sets (Dinomaly2): one score per object
+NO_MASKS_NOTE = ("Pixel metrics, AUPRO and mAD are empty: this run has image labels only (masks: none), so nothing "
+                 "can be scored per pixel; mAD, the mean of all seven metrics, is not replaced by a mean of the "
+                 "three image metrics, which would not compare with any other run's mAD.")
 
 
 @dataclass
@@ -27,7 +31,7 @@ class ClassOutputs:
     maps: torch.Tensor      # N x S x S float32 anomaly maps
     scores: torch.Tensor    # N image scores
     labels: torch.Tensor    # N, 1 = anomalous
-    masks: torch.Tensor     # N x S x S bool ground truth
+    masks: Optional[torch.Tensor]  # N x S x S bool ground truth; None with masks: none (image labels only)
     seconds: float          # time spent in the model and map computation
 
 
@@ -62,7 +66,8 @@ def infer_class(model: torch.nn.Module, dataset: TestSet, cfg: dict, device: tor
         scores.append(batch_scores)
         labels.append(label)
         masks.append(binarise_masks(gt, cfg["map_size"], cfg["gt_threshold"]).to(device))
-    return ClassOutputs(torch.cat(maps), torch.cat(scores), torch.cat(labels).to(device), torch.cat(masks), seconds)
+    return ClassOutputs(torch.cat(maps), torch.cat(scores), torch.cat(labels).to(device),
+                        torch.cat(masks) if cfg["masks"] == "required" else None, seconds)
 
 
 def object_scores(outputs: ClassOutputs, dataset: TestSet, max_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,12 +80,19 @@ def object_scores(outputs: ClassOutputs, dataset: TestSet, max_ratio: float) -> 
     return torch.stack(scores), torch.stack(labels)
 
 
-def metrics_row(outputs: ClassOutputs, cfg: dict, dataset: Optional[TestSet] = None) -> dict[str, float]:
-    """The seven metrics (and mAD) of one class; with a multi-view `dataset` (samples carrying an
-    object_id) the object-level O-AUROC, O-AP and O-F1max too; with a multi-modal one (samples carrying
-    a modality: MulSen-AD) the row of utils/modality_metrics.py."""
+def metrics_row(outputs: ClassOutputs, cfg: dict, dataset: Optional[TestSet] = None) -> dict[str, Optional[float]]:
+    """The seven metrics (and mAD) of one class, the pixel ones None without masks; with a multi-view
+    `dataset` (samples carrying an object_id) the object-level O-AUROC, O-AP and O-F1max too; with a
+    multi-modal one (samples carrying a modality: MulSen-AD) the row of utils/modality_metrics.py. The score
+    scale predict.py --normalize reads is stored beside them: image and map range and F1-max thresholds
+    (without masks the pixel threshold is the image one, as anomalib does: the image score is a mean of
+    map values, on the map's scale)."""
     if dataset is not None and dataset.samples[0].modality is not None:
         row = modality_row(outputs, dataset.samples, cfg)
+    elif outputs.masks is None:
+        row = {**image_metrics(outputs.scores, outputs.labels), **dict.fromkeys(PIXEL_METRICS)}
+        row["pixel_threshold"] = row["image_threshold"]
+        row["mAD"] = mean_anomaly_detection(row)
     else:
         row = class_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks,
                             cfg["aupro_thresholds"], cfg["aupro_fpr_limit"])
@@ -89,27 +101,41 @@ def metrics_row(outputs: ClassOutputs, cfg: dict, dataset: Optional[TestSet] = N
             objects = ranking_metrics(*object_scores(outputs, dataset, cfg["max_ratio"]))
             row.update({"O-AUROC": objects["auroc"], "O-AP": objects["ap"], "O-F1max": objects["f1max"]})
     row["map_min"], row["map_max"] = float(outputs.maps.min()), float(outputs.maps.max())  # heatmap colour scale
+    row["score_min"], row["score_max"] = float(outputs.scores.min()), float(outputs.scores.max())
     return row
 
 
+SCALE_KEYS = {"image": ("score_min", "image_threshold", "score_max"),  # the row keys of the --normalize scale
+              "pixel": ("map_min", "pixel_threshold", "map_max")}
+
+
+def normalization_scales(rows: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
+    """Per class, the (min, F1-max threshold, max) of the image scores and of the map values at the last
+    evaluation: what --normalize maps to 0, 0.5 and 1. Classes of older checkpoints, which stored no
+    score range, are left out."""
+    return {name: {part: [row[key] for key in keys] for part, keys in SCALE_KEYS.items()}
+            for name, row in rows.items() if all(key in row for keys in SCALE_KEYS.values() for key in keys)}
+
+
 def defect_rows(outputs: ClassOutputs, dataset: TestSet) -> list[dict]:
-    """Image and pixel AUROC of each defect type against the normal images of its class (NaN where
+    """Image and pixel AUROC of each defect type against the normal images of its class (None where
     that defect's images have no anomalous label or pixel: MulSen-AD, a defect seen in one modality)."""
     defects = np.array([s.defect for s in dataset.samples])
     good = torch.from_numpy(defects == "good").to(outputs.labels.device)
     rows = []
     for defect in sorted({s.defect for s in dataset.samples} - {"good"}):
         keep = good | torch.from_numpy(defects == defect).to(good.device)
+        pixel = None if outputs.masks is None else ranking_metrics(outputs.maps[keep], outputs.masks[keep])["auroc"]
         rows.append({
             "class": dataset.samples[0].class_name, "defect": defect, "images": int(keep.sum() - good.sum()),
-            "I-AUROC": _auroc_or_nan(outputs.scores[keep], outputs.labels[keep]),
-            "P-AUROC": _auroc_or_nan(outputs.maps[keep], outputs.masks[keep]),
+            "I-AUROC": _auroc_or_none(outputs.scores[keep], outputs.labels[keep]),
+            "P-AUROC": None if outputs.masks is None else _auroc_or_none(outputs.maps[keep], outputs.masks[keep]),
         })
     return rows
 
 
-def _auroc_or_nan(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    return ranking_metrics(scores, labels)["auroc"] if has_both(labels.bool()) else float("nan")
+def _auroc_or_none(scores: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
+    return ranking_metrics(scores, labels)["auroc"] if has_both(labels.bool()) else None
 
 
 @dataclass
@@ -137,7 +163,7 @@ def evaluate(model: torch.nn.Module, test_sets: dict[str, TestSet], cfg: dict, d
         defects += defect_rows(outputs, dataset)
         images += len(dataset)
         seconds += outputs.seconds
-        log(f"  {name:<14}" + " ".join(f"{k} {100 * rows[name][k]:6.2f}" for k in table_columns(rows)))
+        log(f"  {name:<14}" + " ".join(f"{k} {percent(rows[name][k]) or '-':>6}" for k in table_columns(rows)))
         del outputs
     return EvaluationResult(rows, defects, images, seconds)
 
@@ -148,36 +174,39 @@ def table_columns(rows: dict[str, dict[str, float]]) -> tuple[str, ...]:
     return TABLE_COLUMNS + tuple(extra)
 
 
-def mean_row(rows: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The mean over classes; rows that may hold empty cells (EMPTY) average the classes that have a value."""
-    mean = np.nanmean if any(EMPTY in row for row in rows.values()) else np.mean
-    return {k: _mean_of(mean, [row[k] for row in rows.values()]) for k in table_columns(rows)}
+def mean_or_none(values: list[Optional[float]]) -> Optional[float]:
+    """The mean of the values that exist (the classes that have the metric), None when none does."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
-def _mean_of(mean, values: list[float]) -> float:
-    return float("nan") if all(np.isnan(values)) else float(mean(values))
+def mean_row(rows: dict[str, dict[str, Optional[float]]]) -> dict[str, Optional[float]]:
+    return {k: mean_or_none([row[k] for row in rows.values()]) for k in table_columns(rows)}
 
 
-def percent(value: float, digits: int) -> str:
-    """A fraction as a percentage; NaN (a metric its images cannot define) as an empty cell."""
-    return "" if np.isnan(value) else f"{100 * value:.{digits}f}"
+def percent(value: Optional[float], digits: int = 2) -> str:
+    """A fraction as a percentage; an empty cell for a metric not computed (None)."""
+    return "" if value is None else f"{100 * value:.{digits}f}"
 
 
-def empty_notes(rows: dict[str, dict[str, float]]) -> list[str]:
-    """Why cells are empty, one line per class that has some, and how the mean row treats them."""
+def format_markdown(rows: dict[str, dict[str, Optional[float]]]) -> str:
+    """The per-class table with its mean row, and a note when the pixel columns are empty."""
+    columns = table_columns(rows)
+    lines = ["| class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
+        lines.append(f"| {name} | " + " | ".join(percent(row[k]) for k in columns) + " |")
+    if any(row["P-AUROC"] is None and not row.get(EMPTY) for row in rows.values()):
+        lines += ["", NO_MASKS_NOTE]
+    return "\n".join(lines + empty_notes(rows)) + "\n"
+
+
+def empty_notes(rows: dict[str, dict]) -> list[str]:
+    """Why cells are empty, one line per class that has some (MulSen-AD), and how the mean row treats them."""
     notes = [f"- {name}: {row[EMPTY]}" for name, row in rows.items() if row.get(EMPTY)]
     if notes:
         notes = ["", "Empty cells (never 0): a metric its test images cannot define. The mean row averages the "
                  "classes that have a value.", ""] + notes
     return notes
-
-
-def format_markdown(rows: dict[str, dict[str, float]]) -> str:
-    columns = table_columns(rows)
-    lines = ["| class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, row in list(rows.items()) + [("mean", mean_row(rows))]:
-        lines.append(f"| {name} | " + " | ".join(percent(row[k], 2) for k in columns) + " |")
-    return "\n".join(lines + empty_notes(rows)) + "\n"
 
 
 PAPER_PER_CLASS = Path(__file__).resolve().parents[1] / "configs" / "paper_per_class.yaml"
@@ -193,14 +222,14 @@ def format_paper_comparison(rows: dict[str, dict[str, float]], paper: dict[str, 
     names = [n for n in rows if n in paper]
     if not names:
         return ""
-    ours = {n: [100 * rows[n][k] for k in METRIC_NAMES] for n in names}
-    ours["mean"] = [float(np.mean([ours[n][i] for n in names])) for i in range(len(METRIC_NAMES))]
+    ours = {n: [None if rows[n][k] is None else 100 * rows[n][k] for k in METRIC_NAMES] for n in names}
+    ours["mean"] = [mean_or_none([ours[n][i] for n in names]) for i in range(len(METRIC_NAMES))]
     theirs = {**{n: paper[n] for n in names},
               "mean": [float(np.mean([paper[n][i] for n in names])) for i in range(len(METRIC_NAMES))]}
     lines = ["", "## Beside the paper (Tables A8-A13, multi-class): ours / paper / difference", "",
              "| class | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
     for name in names + ["mean"]:
-        lines.append(f"| {name} | " + " | ".join(f"{o:.2f} / {p:.1f} / {o - p:+.2f}"
+        lines.append(f"| {name} | " + " | ".join(f"/ {p:.1f} /" if o is None else f"{o:.2f} / {p:.1f} / {o - p:+.2f}"
                                                  for o, p in zip(ours[name], theirs[name])) + " |")
     return "\n".join(lines) + "\n"
 

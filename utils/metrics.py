@@ -12,6 +12,7 @@ import scipy.ndimage
 import torch
 
 METRIC_NAMES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+PIXEL_METRICS = METRIC_NAMES[3:]  # need ground-truth masks: empty (None) in a run with masks: none
 
 
 def _per_core(function: Callable[[np.ndarray], np.ndarray], values: np.ndarray) -> list[np.ndarray]:
@@ -184,20 +185,28 @@ def aupro(maps: torch.Tensor, masks: torch.Tensor, num_thresholds: int = 200, fp
     return float(np.sum((fpr[1:] - fpr[:-1]) * (pro[1:] + pro[:-1]) / 2))
 
 
+def image_metrics(image_scores: torch.Tensor, image_labels: torch.Tensor) -> dict[str, float]:
+    """The three image metrics of one class (fractions in [0, 1]) and the image F1-max threshold."""
+    image = ranking_metrics(image_scores, image_labels)
+    return {"I-AUROC": image["auroc"], "I-AP": image["ap"], "I-F1max": image["f1max"],
+            "image_threshold": image["f1_threshold"]}
+
+
 def class_metrics(image_scores: torch.Tensor, image_labels: torch.Tensor, maps: torch.Tensor,
                   masks: torch.Tensor, num_thresholds: int = 200, fpr_limit: float = 0.3) -> dict[str, float]:
-    """The seven metrics of one class (fractions in [0, 1]) and the image F1-max threshold."""
-    image = ranking_metrics(image_scores, image_labels)
+    """The seven metrics of one class (fractions in [0, 1]) and the image and pixel F1-max thresholds."""
     normals, anomalous = _split_sorted(*_flatten_pair(maps, masks))
     pixel = _ranking_from_sorted(normals, anomalous)
     return {
-        "I-AUROC": image["auroc"], "I-AP": image["ap"], "I-F1max": image["f1max"],
+        **image_metrics(image_scores, image_labels),
         "P-AUROC": pixel["auroc"], "P-AP": pixel["ap"], "P-F1max": pixel["f1max"],
         "AUPRO": aupro(maps, masks, num_thresholds, fpr_limit, sorted_normals=normals),
-        "image_threshold": image["f1_threshold"],
+        "pixel_threshold": pixel["f1_threshold"],
     }
 
 
-def mean_anomaly_detection(row: dict[str, float]) -> float:
-    """mAD: the mean of the seven metrics."""
-    return float(np.mean([row[name] for name in METRIC_NAMES]))
+def mean_anomaly_detection(row: dict[str, Optional[float]]) -> Optional[float]:
+    """mAD: the mean of the seven metrics; None when one is missing (masks: none), because a mean of
+    fewer metrics under the same name would not compare with any other run's mAD."""
+    values = [row[name] for name in METRIC_NAMES]
+    return None if None in values else float(np.mean(values))

@@ -7,7 +7,7 @@ One row per class, as the released script reports it (utils.py evaluation_batch_
 - I-AUROC ... AUPRO and mAD (not in the released code): every RGB and infrared image scored as an image
   against its own modality's label, the pixel metrics over both modalities' images together.
 A metric that its images cannot define (a class without an anomalous infrared pixel: the released AUPRO
-asserts, scikit-learn's AUROC raises) is NaN, an empty cell, and the row's EMPTY entry says why.
+asserts, scikit-learn's AUROC raises) is None, an empty cell, and the row's EMPTY entry says why.
 """
 import torch
 
@@ -47,21 +47,21 @@ def object_sums(scores: torch.Tensor, samples: list) -> tuple[torch.Tensor, torc
 
 def modality_row(outputs, samples: list, cfg: dict) -> dict:
     """The row described in the module docstring, from one class's ClassOutputs and its TestSamples."""
-    nan, empty, row = float("nan"), [], {}
+    empty, row = [], {}
     labels = outputs.labels.bool()
     if has_both(labels):
         image = ranking_metrics(outputs.scores, labels)
         row.update({"I-AUROC": image["auroc"], "I-AP": image["ap"], "I-F1max": image["f1max"],
                     "image_threshold": image["f1_threshold"]})
     else:
-        row.update(dict.fromkeys(("I-AUROC", "I-AP", "I-F1max", "image_threshold"), nan))
+        row.update(dict.fromkeys(("I-AUROC", "I-AP", "I-F1max", "image_threshold")))
         empty.append(f"I-*, mAD: every RGB and infrared image is {'anomalous' if labels.all() else 'normal'}")
     if outputs.masks.any():
         row.update(pixel_metrics(outputs.maps, outputs.masks, cfg))
     else:
-        row.update(dict.fromkeys(PIXEL_NAMES, nan))
+        row.update(dict.fromkeys(PIXEL_NAMES))
         empty.append("P-*, AUPRO, mAD: no anomalous pixel in any image")
-    row["mAD"] = mean_anomaly_detection(row)  # NaN where one of the seven is
+    row["mAD"] = mean_anomaly_detection(row)  # None where one of the seven is
     objects = ranking_metrics(*object_sums(outputs.scores, samples))
     row.update({"O-AUROC": objects["auroc"], "O-AP": objects["ap"], "O-F1max": objects["f1max"]})
     for modality, short in MODALITY_SHORT.items():
@@ -69,7 +69,7 @@ def modality_row(outputs, samples: list, cfg: dict) -> dict:
         if outputs.masks[chosen].any():
             metrics = pixel_metrics(outputs.maps[chosen], outputs.masks[chosen], cfg)
         else:
-            metrics = dict.fromkeys(PIXEL_NAMES, nan)
+            metrics = dict.fromkeys(PIXEL_NAMES)
             empty.append(f"{short} P-*, AUPRO: no anomalous {modality} pixel in this class's test set")
         row.update({f"{short} {name}": value for name, value in metrics.items()})
     row[EMPTY] = "; ".join(empty)
