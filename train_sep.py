@@ -54,5 +54,6 @@ def main(argv: list[str]) -> None:
     barrier()
     finish(run_dir, train_classes(cfg, data, run_dir, log, device, bool(args.resume)), log)
 
+
 if __name__ == "__main__":
     sys.exit(run_cli(main, sys.argv[1:]))

@@ -191,16 +191,16 @@ class StopAfter(train_advit.StopRequest):
 
 
 def test_interrupted_advit_resumes_bit_identical(synthetic_data, tmp_path, capsys, monkeypatch):
-    """Two epochs of 4 steps with the best-epoch selection and the association discrepancy; stopped after
-    step 5 (the first epoch's weights already kept), resumed, equal to the straight run in every weight."""
-    args = lambda out: tiny_args(synthetic_data, out, epochs=2, ckpt_every=0, association="discrepancy")
+    """Two epochs of 2 steps with the best-epoch selection and the association discrepancy; stopped after
+    step 3 (the first epoch's weights already kept), resumed, equal to the straight run in every weight."""
+    args = lambda out: tiny_args(synthetic_data, out, epochs=2, batch_size=16, ckpt_every=0, association="discrepancy")
     assert run_in_process(train_advit, args(tmp_path / "straight"), capsys).returncode == 0
-    StopAfter.steps = 5
+    StopAfter.steps = 3
     monkeypatch.setattr(train_advit, "StopRequest", StopAfter)
     assert run_in_process(train_advit, args(tmp_path / "cut"), capsys).returncode == 143
     with train_advit.advit_keys():
         interrupted = load_checkpoint(tmp_path / "cut" / "run" / "stripes" / "checkpoint.pth")
-    assert interrupted["step"] == 5 and not interrupted["finished"]
+    assert interrupted["step"] == 3 and not interrupted["finished"]
     monkeypatch.undo()
     assert run_in_process(train_advit, ["--resume", tmp_path / "cut" / "run"], capsys).returncode == 0
     straight = torch.load(tmp_path / "straight" / "run" / "stripes" / "checkpoint.pth", weights_only=True)
