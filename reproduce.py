@@ -14,6 +14,7 @@ started again. The table is written as <out>/<table>/table.md, table.csv and tab
 configuration the paper leaves ambiguous are marked; rows we cannot run yet say why.
 """
 import argparse
+import contextlib
 import csv
 import re
 import shlex
@@ -28,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from train_advit import advit_keys  # noqa: E402
 from utils.config import ConfigError, load_config, load_yaml, validate  # noqa: E402
 from utils.curves import read_rows  # noqa: E402
 from utils.metrics import METRIC_NAMES  # noqa: E402
@@ -42,16 +44,27 @@ def load_table(name: str) -> dict:
         known = ", ".join(sorted(p.stem for p in TABLES.glob("*.yaml")))
         raise ConfigError(f"table not found: {path} (tables: {known})")
     table = load_yaml(path)
-    base = load_config(ROOT / "configs" / table["base"])
     for row in table["rows"]:
         if len(row.get("paper", [])) != len(METRIC_NAMES):
             raise ConfigError(f"{path}: row '{row['name']}' needs the paper's {len(METRIC_NAMES)} numbers")
         if "results_of" in row and row["results_of"] not in {r["name"] for r in trained_rows(table)}:
             raise ConfigError(f"{path}: row '{row['name']}' has results_of '{row['results_of']}', not a trained row")
     for row in trained_rows(table):
-        validate({**base, **row["overrides"]}, f"{path}: row '{row['name']}'", note=lambda _: None)
+        with script_keys(row_script(table, row)):
+            base = load_config(ROOT / "configs" / row.get("base", table["base"]))
+            validate({**base, **row["overrides"]}, f"{path}: row '{row['name']}'", note=lambda _: None)
     table["stem"] = path.stem
     return table
+
+
+def row_script(table: dict, row: dict) -> str:
+    """The row's training script: its own `script` (with its own `base`), else the table's."""
+    return row.get("script", table["script"])
+
+
+def script_keys(script: str):
+    """While a row is validated, the keys its script's settings add (train_advit.py: ADViT's)."""
+    return advit_keys() if script == "train_advit.py" else contextlib.nullcontext()
 
 
 def slug(name: str) -> str:
@@ -65,11 +78,11 @@ def cli_value(value) -> str:
 def row_command(table: dict, row: dict, out: Path, passthrough: list[str], gpus: int, resume: bool) -> list[str]:
     """The training command of one row, independent of every other row."""
     launcher = [sys.executable] if gpus <= 1 else ["torchrun", f"--nproc_per_node={gpus}"]
-    command = launcher + [str(ROOT / table["script"])]
+    command = launcher + [str(ROOT / row_script(table, row))]
     run_dir = out / table["stem"] / slug(row["name"])
     if resume:
         return command + ["--resume", str(run_dir)]
-    command += ["--config", str(ROOT / "configs" / table["base"]), "--output_dir", str(run_dir.parent),
+    command += ["--config", str(ROOT / "configs" / row.get("base", table["base"])), "--output_dir", str(run_dir.parent),
                 "--run_name", run_dir.name]
     for key, value in row["overrides"].items():
         command += [f"--{key}", cli_value(value)]

@@ -10,6 +10,7 @@ valid name), a wrong type or an out-of-range value is a one-line error; a key th
 checkpoint lacks gets its default and a note.
 """
 import argparse
+import contextlib
 import difflib
 import sys
 from pathlib import Path
@@ -279,3 +280,21 @@ def parse_args(argv: list[str], default_config: str, description: str,
 
 def dump(cfg: dict[str, Any]) -> str:
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=120)
+
+
+@contextlib.contextmanager
+def settings_keys(path: Union[str, Path], choices: Optional[dict[str, tuple]] = None):
+    """While inside, the keys of another model's settings file (configs/advit/base.yaml) are valid too and
+    its values are the defaults; on leaving, Dinomaly's schema and defaults are exactly as they were, so
+    Dinomaly's configs never see these keys."""
+    extra = {k: v for k, v in load_yaml(path).items() if k != PARENT_KEY}
+    saved = dict(DEFAULTS), dict(SCHEMA), dict(CHOICES)
+    SCHEMA.update({key: _infer_type(key, value) for key, value in extra.items() if key not in SCHEMA})
+    DEFAULTS.update(extra)
+    CHOICES.update(choices or {})
+    try:
+        yield
+    finally:
+        for table, before in zip((DEFAULTS, SCHEMA, CHOICES), saved):
+            table.clear()
+            table.update(before)

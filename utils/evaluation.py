@@ -37,9 +37,13 @@ class ClassOutputs:
 
 @torch.no_grad()
 def predict_maps(model: torch.nn.Module, images: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anomaly maps (B x S x S) and image scores (B) of a batch already on the model's device."""
-    en, de = model(images)
-    maps = anomaly_maps(en, de, images.shape[-1], cfg["map_size"], cfg["map_sigma"])
+    """Anomaly maps (B x S x S) and image scores (B) of a batch already on the model's device. A model
+    that makes its own maps (ADViT, models/advit.py) gives them through `anomaly_map(images, size)`."""
+    if hasattr(model, "anomaly_map"):
+        maps = model.anomaly_map(images, cfg["map_size"])[:, None]
+    else:
+        en, de = model(images)
+        maps = anomaly_maps(en, de, images.shape[-1], cfg["map_size"], cfg["map_sigma"])
     return maps[:, 0], image_scores(maps, cfg["max_ratio"])
 
 
