@@ -33,8 +33,8 @@ class StableAdamW(torch.optim.Optimizer):
         """One step of a group's parameters as foreach calls over all of them (a handful of calls instead
         of a dozen per tensor, and one host sync for all the clipping norms instead of one per tensor).
         Each foreach call applies the same operation to each tensor as the per-tensor form of the
-        algorithm, in the same order and dtype, so the result is bit-identical to it
-        (tests/test_loss_optim.py holds the per-tensor form)."""
+        algorithm, in the same order and dtype, so on CPU the result is bit-identical to it
+        (tests/test_loss_optim.py holds the per-tensor form; CUDA's own foreach kernels are not tested)."""
         beta1, beta2 = group["betas"]
         lr, grads = group["lr"], [p.grad for p in params]
         states = [self._state(p, group["amsgrad"]) for p in params]
@@ -56,7 +56,7 @@ class StableAdamW(torch.optim.Optimizer):
         torch._foreach_add_(denoms, group["eps"])
         norms = torch._foreach_norm(torch._foreach_div(grads, denoms))
         torch._foreach_div_(norms, [math.sqrt(g.numel()) for g in grads])
-        rms = torch.stack([n.double() for n in norms]).tolist()  # the one host sync; float64 holds every norm exactly
+        rms = torch.stack([n.double() for n in norms]).tolist()  # one host sync; float64 holds any norm
         scales = [max(1.0, r / group["clip_threshold"]) for r in rms]
         torch._foreach_addcdiv_(params, exp_avgs, denoms,
                                 [-lr / (1 - beta1 ** t) / s for t, s in zip(steps, scales)])
