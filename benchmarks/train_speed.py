@@ -5,7 +5,8 @@
         --image_size 256 --crop_size 224 --batch_size 8 --device cpu
 
 Each mode runs in its own process (so peak memory is its own) on random images, without data
-loading, and reports the median seconds per step after warm-up:
+loading, and reports the median seconds per step after warm-up, in wall time and in CPU time (all
+threads; on a machine shared with other jobs the CPU time is the steadier figure to compare):
   recipe     fp32, eager, the encoder runs at every step (the reference's computation)
   fp32+cache fp32 with cached encoder features (--cache_features): the step runs bottleneck and decoder only
   bf16       bf16 autocast for encoder and decoder
@@ -55,16 +56,17 @@ def measure(cfg: dict, mode: str, steps: int, warmup: int) -> dict:
     if options["cached"]:
         with autocast(device, cfg["precision"]):
             inputs = model.encode(inputs)  # what the feature cache hands to every later step
-    times = []
+    times, cpu_times = [], []
     for it in range(warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         train_step(model, optimizer, inputs, it + 1000, [g["lr"] for g in optimizer.param_groups], cfg)  # past the ramp: p = 0.9
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    per_step = sorted(times[warmup:])[steps // 2]
-    return {"mode": mode, "s_per_step": per_step, "peak_mib": peak_memory_mib(device), "device": str(device),
-            "threads": torch.get_num_threads(), "cpu": cpu_description()}
+        cpu_times.append(time.process_time() - cpu_start)
+    per_step, cpu_per_step = sorted(times[warmup:])[steps // 2], sorted(cpu_times[warmup:])[steps // 2]
+    return {"mode": mode, "s_per_step": per_step, "cpu_s_per_step": cpu_per_step, "peak_mib": peak_memory_mib(device),
+            "device": str(device), "threads": torch.get_num_threads(), "cpu": cpu_description()}
 
 
 def main(argv: list[str]) -> None:
@@ -86,9 +88,10 @@ def main(argv: list[str]) -> None:
     print(f"encoder {cfg['encoder']}  crop {cfg['crop_size']}  batch {cfg['batch_size']}  device {recipe['device']} "
           f"({recipe['threads']} threads), median of {args.steps} steps")
     print(f"cpu: {cpu_description()}")
-    print(f"{'mode':<14}{'s/step':>9}{'images/s':>10}{'peak MiB':>10}{'speed-up':>10}{'memory':>8}")
+    print(f"{'mode':<14}{'s/step':>9}{'cpu s/step':>11}{'images/s':>10}{'peak MiB':>10}{'speed-up':>10}{'memory':>8}")
     for r in results:
-        print(f"{r['mode']:<14}{r['s_per_step']:>9.3f}{cfg['batch_size'] / r['s_per_step']:>10.1f}{r['peak_mib']:>10.0f}"
+        print(f"{r['mode']:<14}{r['s_per_step']:>9.3f}{r['cpu_s_per_step']:>11.3f}"
+              f"{cfg['batch_size'] / r['s_per_step']:>10.1f}{r['peak_mib']:>10.0f}"
               f"{recipe['s_per_step'] / r['s_per_step']:>9.2f}x{r['peak_mib'] / recipe['peak_mib']:>7.0%}")
 
 

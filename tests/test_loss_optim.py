@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -99,3 +100,74 @@ def test_stable_adamw_matches_direct_definition():
     expected = _direct_stable_adamw(params, grads, 2e-3, (0.9, 0.999), 1e-10, 1e-4, len(grads))
     for t, e in zip(tensors, expected):
         np.testing.assert_allclose(t.detach().numpy(), e, rtol=1e-12, atol=1e-15)
+
+
+class _PerTensorStableAdamW(StableAdamW):
+    """The optimizer as it was written before the foreach rewrite: one tensor at a time, one host sync
+    per tensor. The rewrite must reproduce it bit for bit."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                second_moment = state["exp_avg_sq"]
+                if group["amsgrad"]:
+                    torch.maximum(state["max_exp_avg_sq"], second_moment, out=state["max_exp_avg_sq"])
+                    second_moment = state["max_exp_avg_sq"]
+                denom = second_moment.sqrt() / math.sqrt(1 - beta2 ** t) + group["eps"]
+                rms = (grad / denom).norm() / math.sqrt(grad.numel())
+                scale = max(1.0, rms.item() / group["clip_threshold"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t) / scale)
+
+
+@pytest.mark.parametrize("amsgrad", [True, False])
+def test_stable_adamw_is_bit_identical_to_the_per_tensor_form(amsgrad):
+    """fp32 and bf16 tensors (sizes with and without a vector-width remainder) in groups of their own
+    rates, decay and clipping; a tensor without a gradient at one step gets a step count of its own.
+    The calm-then-sudden gradients make the update clipping act."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(384, 384), (1152,), (37, 5), (1,)]
+    initial = [torch.randn(s, generator=generator).to(dtype) for dtype in (torch.float32, torch.bfloat16)
+               for s in shapes]
+    grads = [[torch.randn(x.shape, generator=generator).to(x.dtype) * scale for x in initial]
+             for scale in (0.1, 0.1, 5.0, 0.01, 1.0, 1e-4)]
+
+    def run(optimizer_class):
+        params = [x.clone().requires_grad_() for x in initial]
+        groups = [{"params": params[:3], "lr": 2e-3, "weight_decay": 1e-4},
+                  {"params": params[3:6], "lr": 5e-4, "clip_threshold": 0.5},
+                  {"params": params[6:], "lr": 1e-2, "weight_decay": 0.0, "eps": 1e-6}]
+        optimizer = optimizer_class(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=amsgrad)
+        for step, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = None if (step == 1 and p is params[4]) else g.clone()
+            optimizer.step()
+        return params, optimizer.state_dict()
+
+    params, state = run(StableAdamW)
+    expected_params, expected_state = run(_PerTensorStableAdamW)
+    assert state["param_groups"] == expected_state["param_groups"]
+    assert state["state"].keys() == expected_state["state"].keys()
+    for p, e in zip(params, expected_params):
+        assert p.dtype == e.dtype and torch.equal(p, e)
+    for i, expected in expected_state["state"].items():
+        assert state["state"][i].keys() == expected.keys()
+        for key, value in expected.items():
+            assert (torch.equal(state["state"][i][key], value) if isinstance(value, torch.Tensor)
+                    else state["state"][i][key] == value)

@@ -24,32 +24,59 @@ class StableAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                second_moment = state["exp_avg_sq"]
-                if group["amsgrad"]:
-                    torch.maximum(state["max_exp_avg_sq"], second_moment, out=state["max_exp_avg_sq"])
-                    second_moment = state["max_exp_avg_sq"]
-                denom = second_moment.sqrt() / math.sqrt(1 - beta2 ** t) + group["eps"]
-                rms = (grad / denom).norm() / math.sqrt(grad.numel())
-                scale = max(1.0, rms.item() / group["clip_threshold"])
-                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t) / scale)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params)
         return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One step of a group's parameters as foreach calls over all of them (a handful of calls instead
+        of a dozen per tensor, and one host sync for all the clipping norms instead of one per tensor).
+        Each foreach call applies the same operation to each tensor as the per-tensor form of the
+        algorithm, in the same order and dtype, so on CPU the result is bit-identical to it
+        (tests/test_loss_optim.py holds the per-tensor form; CUDA's own foreach kernels are not tested)."""
+        beta1, beta2 = group["betas"]
+        lr, grads = group["lr"], [p.grad for p in params]
+        states = [self._state(p, group["amsgrad"]) for p in params]
+        for state in states:
+            state["step"] += 1
+        steps = [state["step"] for state in states]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(params, _factor(1 - lr * group["weight_decay"], params))
+        torch._foreach_mul_(exp_avgs, _factor(beta1, params))
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, _factor(beta2, params))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        second_moments = exp_avg_sqs
+        if group["amsgrad"]:
+            second_moments = [s["max_exp_avg_sq"] for s in states]
+            torch._foreach_maximum_(second_moments, exp_avg_sqs)
+        denoms = torch._foreach_sqrt(second_moments)
+        torch._foreach_div_(denoms, [math.sqrt(1 - beta2 ** t) for t in steps])
+        torch._foreach_add_(denoms, group["eps"])
+        norms = torch._foreach_norm(torch._foreach_div(grads, denoms))
+        torch._foreach_div_(norms, [math.sqrt(g.numel()) for g in grads])
+        rms = torch.stack([n.double() for n in norms]).tolist()  # one host sync; float64 holds any norm
+        scales = [max(1.0, r / group["clip_threshold"]) for r in rms]
+        torch._foreach_addcdiv_(params, exp_avgs, denoms,
+                                [-lr / (1 - beta1 ** t) / s for t, s in zip(steps, scales)])
+
+    def _state(self, p: torch.Tensor, amsgrad: bool) -> dict:
+        """p's moments (zero before its first step); the layout of state_dict, which checkpoints carry."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+            if amsgrad:
+                state["max_exp_avg_sq"] = torch.zeros_like(p)
+        return state
+
+
+def _factor(value: float, like: list[torch.Tensor]) -> torch.Tensor:
+    """A factor for _foreach_mul_ as a float64 0-dim tensor: a Python number there is rounded to a bf16
+    tensor's dtype first, unlike in Tensor.mul_, which multiplies by it in float32."""
+    return torch.tensor(value, dtype=torch.float64, device=like[0].device)
 
 
 def warmup_cosine_schedule(base_lr: float, final_lr: float, total_iters: int, warmup_iters: int) -> np.ndarray:
