@@ -51,7 +51,7 @@ def write_raw(root, seed: int = 0) -> dict:
         folder = root / "dome" / split / defect
         for sub in ("xyz", "rgb", "gt"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(folder / "xyz" / "000.tiff", xyz)
+        tifffile.imwrite(folder / "xyz" / "000.tiff", xyz, photometric="rgb")
         Image.fromarray(rgb).save(folder / "rgb" / "000.png")
         gt = np.zeros((H, W), np.uint8)
         gt[22:28, 28:33] = 255
