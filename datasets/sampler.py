@@ -18,10 +18,12 @@ class StepBatchSampler(Sampler[list[int]]):
     one after the other, as it takes to fill it. With `class_ids`, an epoch instead draws the same
     number of images with every class equally likely.
     `rank`/`world_size` keep this process's contiguous share of each global batch.
+    With `draws`, each item is (index, draw): `draw` seeds the random choices of that read (see
+    TrainSet.__getitem__), a number of (seed, step, position in the global batch) alone.
     """
 
     def __init__(self, num_samples: int, batch_size: int, total_steps: int, seed: int, start_step: int = 0,
-                 class_ids: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1):
+                 class_ids: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1, draws: bool = False):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
         self.num_samples = num_samples
@@ -36,6 +38,7 @@ class StepBatchSampler(Sampler[list[int]]):
             self.weights = 1.0 / torch.bincount(ids).double()[ids]
         share = batch_size // world_size
         self.slice = slice(rank * share, (rank + 1) * share)
+        self.draws = draws
 
     def epoch_batches(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -47,13 +50,18 @@ class StepBatchSampler(Sampler[list[int]]):
             order = torch.multinomial(self.weights, count, replacement=True, generator=generator)
         return order.view(self.steps_per_epoch, self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         epoch, batches = None, None
         for step in range(self.start_step, self.total_steps):
             if step // self.steps_per_epoch != epoch:
                 epoch = step // self.steps_per_epoch
                 batches = self.epoch_batches(epoch)
-            yield batches[step % self.steps_per_epoch, self.slice].tolist()
+            indices = batches[step % self.steps_per_epoch, self.slice].tolist()
+            if not self.draws:
+                yield indices
+                continue
+            first = (self.seed * 1_000_003 + step) * self.batch_size + self.slice.start
+            yield [(index, first + position) for position, index in enumerate(indices)]
 
     def __len__(self) -> int:
         return self.total_steps - self.start_step
