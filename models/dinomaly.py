@@ -203,10 +203,10 @@ def check_architecture(encoder_depth: int, *, target_layers: Sequence[int], fuse
     if len(fuse_layer_encoder) != len(fuse_layer_decoder):
         raise ValueError(f"fuse_layer_encoder and fuse_layer_decoder must have the same number of groups, got "
                          f"{len(fuse_layer_encoder)} and {len(fuse_layer_decoder)}")
-    if fuse_mode == "concat" and len(fuse_layer_encoder) != 1:
-        raise ValueError("fuse_mode concat (layer-to-cat-layer) takes one group in fuse_layer_encoder")
     if recenter and fuse_mode == "concat":
         raise ValueError("recenter works on averaged groups (fuse_mode mean), not on fuse_mode concat")
+    if fuse_mode == "concat" and len(fuse_layer_encoder) != 1:
+        raise ValueError("fuse_mode concat (layer-to-cat-layer) takes one group in fuse_layer_encoder")
     if neighbor_mask and attention == "conv":
         raise ValueError("neighbor_mask applies to attention (linear or softmax), not to the conv mixer")
     if attention == "conv" and conv_kernel % 2 == 0:
