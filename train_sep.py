@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from datasets import class_folder, count_lines, dataset_classes, load_data
+from datasets import class_folder, count_lines, dataset_classes
 from train_uni import save_shot_list, train
 from utils.checkpoint import finished_result, previous_checkpoint
 from utils.distributed import barrier, is_main
 from utils.evaluation import EvaluationResult, write_tables
-from utils.run_setup import RunLog, finish, open_run, run_cli, start
+from utils.run_setup import RunLog, finish, load_run_data, open_run, run_cli, start
 
 
 def train_classes(cfg: dict, data: dict, run_dir: Path, log: RunLog, device: torch.device, resume: bool,
@@ -47,7 +47,8 @@ def train_classes(cfg: dict, data: dict, run_dir: Path, log: RunLog, device: tor
 
 def main(argv: list[str]) -> None:
     cfg, args, device, notes = start(argv, "mvtec_sep.yaml", __doc__)
-    data = {name: load_data(cfg, [name]) for name in dataset_classes(cfg)}
+    names = dataset_classes(cfg)
+    data = dict(zip(names, load_run_data(cfg, [[name] for name in names])))
     run_dir, log = open_run(cfg, args, device, notes)
     save_shot_list(cfg, run_dir, {name: images for train_set, _ in data.values()
                                   for name, images in train_set.images_by_class().items()}, log)

@@ -26,8 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import (DatasetLayoutError, TestSet, TrainSet, class_folder, count_lines, dataset_classes,
-                      load_data)
+from datasets import DatasetLayoutError, TestSet, TrainSet, class_folder, count_lines, dataset_classes
 from datasets.caches import FeatureCache, attach_image_cache
 from datasets.fewshot import SHOT_LIST, write_shot_list
 from datasets.sampler import StepBatchSampler
@@ -42,7 +41,7 @@ from utils.guard import TrainingGuard
 from utils.loss import global_cosine_hm, hard_mining_p
 from utils.optim import GroupSchedule, StableAdamW
 from utils.rng import seed_everything, seed_this_rank
-from utils.run_setup import RunLog, finish, open_run, run_cli, start
+from utils.run_setup import RunLog, finish, load_run_data, open_run, run_cli, start
 from utils.signals import StopRequest
 
 LOG_EVERY = 100  # steps between loss lines in log.txt
@@ -96,10 +95,11 @@ def train_loader(data: Dataset, class_ids: Optional[list[int]], cfg: dict, state
                  device: torch.device, modalities: int = 1) -> DataLoader:
     """This process's share of the batches of steps state.step..total_iters-1 (class-balanced when
     `class_ids` is given; `modalities` images per object drawn together, TrainSet's order); its own
-    generator keeps the global RNG untouched."""
+    generator keeps the global RNG untouched, and reads that draw random numbers (augmentation, MANTA-Tiny
+    views) draw them from (seed, step), whatever the workers."""
     sampler = StepBatchSampler(len(data), cfg["batch_size"], cfg["total_iters"], cfg["seed"] + 1000 * state.reshuffles,
                                start_step=state.step, class_ids=class_ids, rank=rank(), world_size=world_size(),
-                               modalities=modalities)
+                               modalities=modalities, draws=isinstance(data, TrainSet) and data.random_reads)
     workers = 0 if isinstance(data, FeatureCache) else cfg["num_workers"]
     return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator())
@@ -237,7 +237,7 @@ def cache_dir(cfg: dict) -> Path:
 
 def main(argv: list[str]) -> None:
     cfg, args, device, notes = start(argv, "mvtec_uni.yaml", __doc__)
-    train_set, test_sets = load_data(cfg, dataset_classes(cfg))
+    [(train_set, test_sets)] = load_run_data(cfg, [dataset_classes(cfg)])
     run_dir, log = open_run(cfg, args, device, notes)
     save_shot_list(cfg, run_dir, train_set.images_by_class(), log)
     barrier()

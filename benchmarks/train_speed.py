@@ -12,7 +12,8 @@ threads; on a machine shared with other jobs the CPU time is the steadier figure
   bf16       bf16 autocast for encoder and decoder
   fast       bf16 + cached encoder features
   fast+compile  the same with torch.compile (only with --with_compile; compiling takes minutes)
-Accepts every config key as --key value (see configs/base.yaml). Every result names the CPU's
+Accepts every config key as --key value (see configs/base.yaml); `--grad_checkpoint true` measures the
+modes with the decoder recomputed in the backward pass (README "Memory for large encoders"). Every result names the CPU's
 capability: on a CPU without native bf16 (no AVX-512 BF16 / AMX) the bf16 modes are emulated and slow,
 which is why training falls back to fp32 there (see allow_emulated_bf16).
 """

@@ -92,15 +92,24 @@ def build_test_set(cfg: dict, class_name: str) -> TestSet:
     return TestSet(samples, cfg["image_size"], cfg["crop_size"], *input_normalization(cfg), read=sample_reader(cfg))
 
 
-def load_data(cfg: dict, class_names: list[str]) -> tuple[TrainSet, dict[str, TestSet]]:
-    """Training images of all `class_names` and one test set per class; the layout and every file are
-    checked here (fully decoded with check_images: full), before any run directory or model exists."""
-    train_set = build_train_set(cfg, class_names)
-    test_sets = {name: build_test_set(cfg, name) for name in class_names}
+def list_data(cfg: dict, class_names: list[str]) -> tuple[TrainSet, dict[str, TestSet]]:
+    """Training images of all `class_names` and one test set per class, from the folder layout and the file
+    names (a layout error names the folder); the images themselves are read by check_images."""
+    return build_train_set(cfg, class_names), {name: build_test_set(cfg, name) for name in class_names}
+
+
+def check_images(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet]) -> None:
+    """Every file of a listed data set read now (fully decoded with check_images: full), not hours into a run."""
     decode = cfg["check_images"] == "full"
     # the image cache decodes every training image in full before the first step: no need to do it twice
     check_files([path for path, _ in train_set.samples], [s for t in test_sets.values() for s in t.samples],
                 decode_train=decode and cfg["image_cache"] == "none", decode_test=decode)
+
+
+def load_data(cfg: dict, class_names: list[str]) -> tuple[TrainSet, dict[str, TestSet]]:
+    """list_data, then check_images: the layout and every file checked, before any model exists."""
+    train_set, test_sets = list_data(cfg, class_names)
+    check_images(cfg, train_set, test_sets)
     return train_set, test_sets
 
 
@@ -115,5 +124,5 @@ def count_lines(train_set: TrainSet, test_sets: dict[str, TestSet]) -> list[str]
 
 
 __all__ = ["CLASSES", "IMG_EXTENSIONS", "DatasetLayoutError", "TestSample", "TestSet", "TrainSet", "build_test_set",
-           "build_train_set", "class_folder", "check_files", "count_lines", "dataset_classes", "load_data",
-           "load_image", "sample_reader"]
+           "build_train_set", "check_images", "class_folder", "check_files", "count_lines", "dataset_classes",
+           "list_data", "load_data", "load_image", "sample_reader"]

@@ -15,7 +15,7 @@ anomalous image without a mask, and only the image metrics are computed.
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -228,14 +228,30 @@ class TrainSet(Dataset):
     def images_by_class(self) -> dict[str, list[Path]]:
         return {name: [path for path, c in self.samples if c == i] for i, name in enumerate(self.class_names)}
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    @property
+    def random_reads(self) -> bool:
+        """Whether a read draws random numbers: the strong augmentation, or a MANTA-Tiny view."""
+        return self.augment == "strong" or self.views > 1
+
+    def __getitem__(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
+        """`item`: a sample index, or (index, draw) from StepBatchSampler(draws=True). `draw` seeds this
+        read's random choices and leaves torch's random stream as it was, so the images of a step depend on
+        (seed, step) alone: the same with any num_workers, and after resuming."""
+        index, draw = item if isinstance(item, tuple) else (item, None)
+        if draw is None:
+            return self._read(index), index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw)
+            return self._read(index), index
+
+    def _read(self, index: int) -> torch.Tensor:
         if self.cache is not None:
-            return self.transform(np.array(self.cache[index])), index  # a copy: the cache may be read-only
+            return self.transform(np.array(self.cache[index]))  # a copy: the cache may be read-only
         images = self.read(self.samples[index][0])
         if self.views > 1:
             view = int(torch.randint(self.views, ()))
             images = [crop_view(image, view) for image in images]
-        return to_input(self.transform, images), index
+        return to_input(self.transform, images)
 
 
 class TestSet(Dataset):

@@ -22,11 +22,13 @@ class StepBatchSampler(Sampler[list[int]]):
     the draw above picks batch_size / m objects, and a batch holds their first images, then their
     second ones, and so on (the released RGB-IR batch, torch.cat([rgb, ir])); with several processes
     each keeps all images of its share of the objects.
+    With `draws`, each item is (index, draw): `draw` seeds the random choices of that read (see
+    TrainSet.__getitem__), a number of (seed, step, position in the global batch) alone.
     """
 
     def __init__(self, num_samples: int, batch_size: int, total_steps: int, seed: int, start_step: int = 0,
                  class_ids: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1,
-                 modalities: int = 1):
+                 modalities: int = 1, draws: bool = False):
         if num_samples % modalities or batch_size % modalities:
             raise ValueError(f"{num_samples} images and a batch of {batch_size} do not split into {modalities} "
                              "images per object")
@@ -46,6 +48,7 @@ class StepBatchSampler(Sampler[list[int]]):
             self.weights = 1.0 / torch.bincount(ids).double()[ids]
         share = batch_size // world_size
         self.slice = slice(rank * share, (rank + 1) * share)
+        self.draws = draws
 
     def epoch_batches(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -57,14 +60,20 @@ class StepBatchSampler(Sampler[list[int]]):
             order = torch.multinomial(self.weights, count, replacement=True, generator=generator)
         return order.view(self.steps_per_epoch, self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         epoch, batches = None, None
         for step in range(self.start_step, self.total_steps):
             if step // self.steps_per_epoch != epoch:
                 epoch = step // self.steps_per_epoch
                 batches = self.epoch_batches(epoch)
             objects = batches[step % self.steps_per_epoch, self.slice]
-            yield torch.cat([objects + k * self.num_samples for k in range(self.modalities)]).tolist()
+            indices = torch.cat([objects + k * self.num_samples for k in range(self.modalities)]).tolist()
+            if not self.draws:
+                yield indices
+                continue
+            images = self.batch_size * self.modalities  # of the global batch
+            first = (self.seed * 1_000_003 + step) * images + self.slice.start * self.modalities
+            yield [(index, first + position) for position, index in enumerate(indices)]
 
     def __len__(self) -> int:
         return self.total_steps - self.start_step

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .dinov2 import Attention, Mlp
 from .encoder_interface import Encoder
@@ -96,14 +97,30 @@ class LinearAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """phi(q), phi(k) and v, each B x heads x N x head_dim."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
-        if mask is not None:  # the masked weights must be dropped before normalising: the explicit N x N form
-            weights = (q @ k.transpose(-2, -1)).masked_fill(mask, 0.0)
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
-            return self.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+        return F.elu(q) + 1.0, F.elu(k) + 1.0, v
+
+    def _explicit_weights(self, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        weights = q @ k.transpose(-2, -1)
+        if mask is not None:  # the masked weights must be dropped before normalising
+            weights = weights.masked_fill(mask, 0.0)
+        return weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
+
+    def weights(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The effective attention weights, B x heads x N x N: w_ij = phi(q_i) phi(k_j)^T / (sum_j' phi(q_i)
+        phi(k_j')^T + eps), keys under `mask` dropped first. forward mixes v with exactly these (without
+        writing them out when there is no mask); with eps 0 each row sums to 1."""
+        q, k, _ = self._features(x)
+        return self._explicit_weights(q, k, mask)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self._features(x)
+        if mask is not None:  # the explicit N x N form
+            return self.proj((self._explicit_weights(q, k, mask) @ v).transpose(1, 2).reshape(B, N, C))
         kv = torch.einsum("bhsd,bhse->bhde", k, v)
         normaliser = torch.einsum("bhsd,bhd->bhs", q, k.sum(dim=-2)) + self.eps
         x = torch.einsum("bhsd,bhde->bhse", q, kv) / normaliser.unsqueeze(-1)
@@ -168,6 +185,35 @@ def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(tensors), dim=1).mean(dim=1)
 
 
+def check_architecture(encoder_depth: int, *, target_layers: Sequence[int], fuse_layer_encoder: Sequence[Sequence[int]],
+                       fuse_layer_decoder: Sequence[Sequence[int]], decoder_depth: int, fuse_mode: str, recenter: bool,
+                       attention: str, neighbor_mask: int, conv_kernel: int) -> None:
+    """A ValueError naming the config key and its valid range for a combination Dinomaly cannot build. The
+    config check (utils/config.validate) calls it with the encoder's depth from the registry, so a bad value
+    fails before weights are read or a run directory exists; the constructor calls it for code that builds
+    the model directly."""
+    layers = list(target_layers)
+    if not layers or layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < encoder_depth:
+        raise ValueError(f"target_layers {layers} must be strictly increasing block indices in 0..{encoder_depth - 1} "
+                         f"(the encoder has {encoder_depth} blocks)")
+    for key, groups, size, what in (("fuse_layer_encoder", fuse_layer_encoder, len(layers), "positions in target_layers"),
+                                    ("fuse_layer_decoder", fuse_layer_decoder, decoder_depth, "decoder blocks")):
+        if not groups or any(not group for group in groups) or any(not 0 <= i < size for g in groups for i in g):
+            raise ValueError(f"{key} {[list(g) for g in groups]} must be non-empty groups of indices in "
+                             f"0..{size - 1} (the {size} {what})")
+    if len(fuse_layer_encoder) != len(fuse_layer_decoder):
+        raise ValueError(f"fuse_layer_encoder and fuse_layer_decoder must have the same number of groups, got "
+                         f"{len(fuse_layer_encoder)} and {len(fuse_layer_decoder)}")
+    if recenter and fuse_mode == "concat":
+        raise ValueError("recenter works on averaged groups (fuse_mode mean), not on fuse_mode concat")
+    if fuse_mode == "concat" and len(fuse_layer_encoder) != 1:
+        raise ValueError("fuse_mode concat (layer-to-cat-layer) takes one group in fuse_layer_encoder")
+    if neighbor_mask and attention == "conv":
+        raise ValueError("neighbor_mask applies to attention (linear or softmax), not to the conv mixer")
+    if attention == "conv" and conv_kernel % 2 == 0:
+        raise ValueError(f"conv_kernel must be odd (3, 5 or 7) to keep the patch grid, got {conv_kernel}")
+
+
 class Dinomaly(nn.Module):
     """`forward(images)` returns (encoder_maps, decoder_maps): one B x C x h x w tensor per group.
 
@@ -177,34 +223,24 @@ class Dinomaly(nn.Module):
                  fuse_layer_encoder: Sequence[Sequence[int]], fuse_layer_decoder: Sequence[Sequence[int]],
                  decoder_depth: int, dropout: float, attention: str, attn_eps: float, feature_jitter: float,
                  neighbor_mask: int, conv_kernel: int, fuse_mode: str, recenter: bool,
-                 bottleneck: str, bottleneck_width: int, modality: str = "rgb", rgb_ratio: float = 0.5):
+                 bottleneck: str, bottleneck_width: int, grad_checkpoint: bool = False, modality: str = "rgb",
+                 rgb_ratio: float = 0.5):
         super().__init__()
         self.modality, self.rgb_ratio = modality, rgb_ratio
-        if sorted(target_layers) != list(target_layers) or target_layers[-1] >= len(encoder.blocks):
-            raise ValueError(f"target_layers {list(target_layers)} must be increasing block indices "
-                             f"below the encoder depth {len(encoder.blocks)}")
-        for name, groups, size in (("fuse_layer_encoder", fuse_layer_encoder, len(target_layers)),
-                                   ("fuse_layer_decoder", fuse_layer_decoder, decoder_depth)):
-            if any(not 0 <= i < size for group in groups for i in group):
-                raise ValueError(f"{name} {groups} indexes outside 0..{size - 1}")
-        if len(fuse_layer_encoder) != len(fuse_layer_decoder):
-            raise ValueError("fuse_layer_encoder and fuse_layer_decoder must have the same number of groups")
-        if fuse_mode == "concat" and len(fuse_layer_encoder) != 1:
-            raise ValueError("fuse_mode concat (layer-to-cat-layer) takes one group of encoder layers")
-        if recenter and fuse_mode == "concat":
-            raise ValueError("recenter works on averaged groups (fuse_mode mean), not on fuse_mode concat")
+        check_architecture(len(encoder.blocks), target_layers=target_layers, fuse_layer_encoder=fuse_layer_encoder,
+                           fuse_layer_decoder=fuse_layer_decoder, decoder_depth=decoder_depth, fuse_mode=fuse_mode,
+                           recenter=recenter, attention=attention, neighbor_mask=neighbor_mask, conv_kernel=conv_kernel)
         self.recenter = recenter
         self.encoder = encoder.requires_grad_(False).eval()
         self.target_layers = list(target_layers)
         self.fuse_layer_encoder = [list(g) for g in fuse_layer_encoder]
         self.fuse_layer_decoder = [list(g) for g in fuse_layer_decoder]
         dim, heads = encoder.embed_dim, encoder.num_heads
-        if neighbor_mask and attention == "conv":
-            raise ValueError("neighbor_mask applies to attention (linear or softmax), not to the conv mixer")
         self.neighbor_mask = neighbor_mask
         # the conv mixer needs a square grid of patch tokens: class and register tokens never reach the decoder
         self.decoder_prefix = 0 if attention == "conv" else encoder.num_prefix_tokens
         self.fuse_mode = fuse_mode
+        self.grad_checkpoint = grad_checkpoint
         self.bottleneck = (TwoStageBottleneck(dim, bottleneck_width, dropout, feature_jitter) if bottleneck == "two_stage"
                            else NoisyBottleneck(dim, dropout, feature_jitter))
         # layer-to-cat-layer (Table 5): the last decoder block, widened to the concatenated encoder layers
@@ -225,8 +261,8 @@ class Dinomaly(nn.Module):
                    dropout=cfg["dropout"], attention=cfg["attention"], attn_eps=cfg["attn_eps"],
                    feature_jitter=cfg["feature_jitter"], neighbor_mask=cfg["neighbor_mask"],
                    conv_kernel=cfg["conv_kernel"], fuse_mode=cfg["fuse_mode"], recenter=cfg["recenter"],
-                   bottleneck=cfg["bottleneck"], bottleneck_width=cfg["bottleneck_width"], modality=cfg["modality"],
-                   rgb_ratio=cfg["rgb_ratio"])
+                   bottleneck=cfg["bottleneck"], bottleneck_width=cfg["bottleneck_width"],
+                   grad_checkpoint=cfg["grad_checkpoint"], modality=cfg["modality"], rgb_ratio=cfg["rgb_ratio"])
 
     def train(self, mode: bool = True) -> "Dinomaly":
         super().train(mode)
@@ -293,13 +329,20 @@ class Dinomaly(nn.Module):
                 else None)
         layers = []
         for block in self.decoder:
-            x = block(x, mask)
+            x = self._run_block(block, x, mask)
             layers.append(x)
         if self.fuse_mode == "concat":
             return [self._to_map(self.projection(x), grid, self.decoder_prefix)]
         layers = layers[::-1]
         return [self._to_map(_mean([layers[i] for i in group]), grid, self.decoder_prefix)
                 for group in self.fuse_layer_decoder]
+
+    def _run_block(self, block: DecoderBlock, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """A decoder block; with `grad_checkpoint`, when gradients are taken, its activations are not kept
+        but recomputed in the backward pass (the same values: the RNG state is restored for the rerun)."""
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(block, x, mask, use_reentrant=False)
+        return block(x, mask)
 
     def _to_map(self, tokens: torch.Tensor, grid: tuple[int, int], prefix: Optional[int] = None) -> torch.Tensor:
         """Strip CLS and register tokens (`prefix` of them); B x (h*w) x C -> B x C x h x w."""

@@ -43,6 +43,15 @@ def test_command_line_overrides_every_type():
     (["--warmup_iters", "20000"], "warmup_iters (20000) must be below total_iters"),
     (["--masks", "none", "--dataset", "manta"], "masks 'none' needs a dataset in the MVTec layout; manta"),
     (["--masks", "no"], "'masks' must be one of required, none"),
+    (["--encoder", "dinov2reg_vit_large_14", "--target_layers", "4,30"], "indices in 0..23 (the encoder has 24 blocks)"),
+    (["--target_layers", "5,4,6"], "target_layers [5, 4, 6] must be strictly increasing"),
+    (["--fuse_layer_decoder", "[[0,1,2,3],[4,5,6,8]]"], "indices in 0..7 (the 8 decoder blocks)"),
+    (["--fuse_layer_decoder", "[[0,1,2,3]]"], "the same number of groups, got 2 and 1"),
+    (["--fuse_mode", "concat"], "fuse_mode concat (layer-to-cat-layer) takes one group"),
+    (["--recenter", "true", "--fuse_mode", "concat", "--fuse_layer_encoder", "[[0,1]]", "--fuse_layer_decoder", "[[7]]"],
+     "recenter works on averaged groups"),
+    (["--attention", "conv", "--neighbor_mask", "3"], "neighbor_mask applies to attention"),
+    (["--attention", "conv", "--conv_kernel", "4"], "conv_kernel must be odd"),
 ])
 def test_bad_values_are_one_line_errors(argv, message):
     with pytest.raises(ConfigError) as error:

@@ -7,6 +7,7 @@ import torch
 from conftest import block_outputs, encoder_layers
 from models import LinearAttention, build_encoder, build_model
 from utils.config import DEFAULTS
+from utils.loss import global_cosine_hm
 
 
 def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
@@ -144,3 +145,25 @@ def test_softmax_attention_ablation_builds_and_rejects_unknown():
     with pytest.raises(ValueError, match="attention must be"), pytest.warns(UserWarning):
         build_model({**DEFAULTS, "encoder": "dinov2_vit_tiny_14", "encoder_weights": "random",
                      "attention": "performer"})
+
+
+def test_grad_checkpoint_recomputes_decoder_blocks_with_the_same_loss_and_gradients():
+    """The checkpointed step reruns each decoder block in the backward pass (counted), and its loss and every
+    gradient equal the stored-activation step bit for bit (same seed, same dropout draws)."""
+    cfg = {**DEFAULTS, "encoder": "dinov2_vit_tiny_14", "encoder_weights": "random", "target_layers": list(range(2, 10))}
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    results = []
+    for grad_checkpoint in (False, True):
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning):
+            model = build_model({**cfg, "grad_checkpoint": grad_checkpoint}).train()
+        calls = []
+        model.decoder[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        en, de = model(images)
+        loss = global_cosine_hm(en, de, 0.5)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(calls)))
+    (loss, grads, calls), (loss_ckpt, grads_ckpt, calls_ckpt) = results
+    assert (calls, calls_ckpt) == (1, 2)
+    assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
+    assert all(torch.equal(grads[name], grads_ckpt[name]) for name in grads)

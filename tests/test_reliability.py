@@ -12,10 +12,11 @@ import torch
 import train_uni
 from conftest import ROOT, run_in_process, run_script, tiny_run_args
 from datasets import load_data
-from utils.checkpoint import TrainingDiverged, load_checkpoint, save_checkpoint
+from utils.checkpoint import TrainingDiverged, load_checkpoint, previous_checkpoint, save_checkpoint
 from utils.config import load_config, validate
 from utils.guard import TrainingGuard
 from utils.run_setup import RunLog
+from utils.signals import StopRequest
 
 RESUMABLE = dict(total_iters=40, warmup_iters=5, ckpt_every=10, eval_every=20, image_size=64, crop_size=56)
 
@@ -214,3 +215,29 @@ def test_overwrite_replaces_only_when_asked(synthetic_data, tiny_weights, tmp_pa
     assert (tmp_path / "run" / "log.txt").read_text() == first
     assert run_in_process(train_uni, args + ["--overwrite"], capsys).returncode == 0
     assert (tmp_path / "run" / "checkpoint.pth").is_file()
+
+
+def test_strong_augmentation_resumes_bit_identically_with_any_workers(synthetic_data, tiny_weights, tmp_path,
+                                                                       monkeypatch):
+    """A run stopped at step 2 (as by SIGTERM) and resumed with 2 data-loader workers ends with the weights of
+    an uninterrupted run without workers: every augmentation draw is a function of (seed, step). (Weights
+    only: evaluation is skipped.)"""
+    cfg = _in_process_cfg(synthetic_data, tiny_weights, train_augment="strong", image_size=64, crop_size=56,
+                          total_iters=4, warmup_iters=1, ckpt_every=0, batch_size=4)
+    train_set, test_sets = load_data(cfg, cfg["classes"])
+    monkeypatch.setattr(train_uni, "evaluate_on_main", lambda *args: None)
+
+    def run(name: str, resume=None, **overrides):
+        (tmp_path / name).mkdir(exist_ok=True)
+        train_uni.train({**cfg, **overrides}, train_set, test_sets, tmp_path / name, RunLog(tmp_path / name),
+                        torch.device("cpu"), resume)
+    run("straight")
+    steps = iter(range(1, 100))
+    monkeypatch.setattr(StopRequest, "requested", lambda self: next(steps) == 2)
+    with pytest.raises(SystemExit):
+        run("resumed")
+    monkeypatch.setattr(StopRequest, "requested", lambda self: False)
+    checkpoint = previous_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
+    assert checkpoint["step"] == 2
+    run("resumed", checkpoint, num_workers=2)
+    assert_identical(tmp_path / "resumed" / "checkpoint.pth", tmp_path / "straight" / "checkpoint.pth")

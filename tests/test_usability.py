@@ -170,6 +170,28 @@ def test_offline_official_weights_leave_no_run_directory(data, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
+def test_cheap_mistakes_are_reported_before_any_download_or_run_directory(tmp_path, capsys, monkeypatch):
+    """The README's first command without the dataset, and layer indices beyond the encoder: one line each,
+    with no attempt to fetch the 350 MB encoder (no network here) and nothing written."""
+    from models import registry
+    downloads = []
+
+    def offline(*args, **kwargs):
+        downloads.append(args)
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(registry.urllib.request, "urlopen", offline)
+    common = ["--output_dir", tmp_path / "out", "--weights_dir", tmp_path / "weights", "--device", "cpu"]
+    result = run_in_process(train_uni, ["--data_path", tmp_path / "mvtec_anomaly_detection", *common], capsys)
+    assert_one_line_error(result, f"data_path does not exist or is not a folder: {tmp_path / 'mvtec_anomaly_detection'}")
+    result = run_in_process(train_uni, ["--target_layers", "2,3,4,5,6,7,8,40", *common], capsys)
+    assert_one_line_error(result, "target_layers [2, 3, 4, 5, 6, 7, 8, 40] must be strictly increasing block "
+                                  "indices in 0..11")
+    result = run_in_process(train_uni, ["--fuse_layer_encoder", "[[0,1,2,3],[4,5,6,9]]", *common], capsys)
+    assert_one_line_error(result, "fuse_layer_encoder [[0, 1, 2, 3], [4, 5, 6, 9]] must be non-empty groups of "
+                                  "indices in 0..7")
+    assert downloads == [] and not (tmp_path / "weights").exists() and not (tmp_path / "out").exists()
+
+
 def test_an_output_folder_that_is_a_file_is_one_line(data, tiny_weights, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("a file")

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Union, get_args, get_origi
 
 import yaml
 
+from models.dinomaly import check_architecture
 from models.registry import ENCODERS, default_target_layers
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
@@ -80,6 +81,8 @@ POSITIVE = ("image_size", "crop_size", "batch_size", "decoder_depth", "total_ite
 NON_NEGATIVE = ("num_workers", "warmup_iters", "final_lr", "weight_decay", "eps", "hm_factor", "hm_ramp_iters",
                 "eval_every", "attn_eps", "feature_jitter", "neighbor_mask", "max_ratio", "map_sigma", "ckpt_every", "shots",
                 "spike_factor")
+ARCHITECTURE_KEYS = ("target_layers", "fuse_layer_encoder", "fuse_layer_decoder", "decoder_depth", "fuse_mode",
+                     "recenter", "attention", "neighbor_mask", "conv_kernel")  # checked by models.check_architecture
 UNIT_INTERVAL = ("dropout", "hm_p_final", "gt_threshold", "aupro_fpr_limit")
 CLOSED_UNIT_INTERVAL = ("rgb_ratio",)
 
@@ -167,8 +170,11 @@ def validate(cfg: dict[str, Any], source: str = "config", note: Callable[[str], 
                           f"'{cfg['encoder']}', got {cfg['crop_size']}{hint}")
     if cfg["target_layers"] == AUTO:
         cfg["target_layers"] = default_target_layers(ENCODERS[cfg["encoder"]].depth)
+    try:  # what the model's constructor would refuse, from the encoder's depth in the registry
+        check_architecture(ENCODERS[cfg["encoder"]].depth, **{key: cfg[key] for key in ARCHITECTURE_KEYS})
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
     for key, needs, why in (("bottleneck_first_lr", cfg["bottleneck"] == "two_stage", "needs --bottleneck two_stage"),
-                            ("recenter", cfg["fuse_mode"] == "mean", "needs fuse_mode mean"),
                             ("train_augment", cfg["cache_features"] == "none", "strong changes the features at "
                                                                               "every step: use cache_features none"),
                             *((key, cfg["dataset"] != "manta", "cannot cache MANTA-Tiny: a training image is a view "

@@ -13,13 +13,13 @@ from typing import Callable, Optional
 
 import torch
 
-from datasets import DatasetLayoutError, class_folder
+from datasets import DatasetLayoutError, TestSet, TrainSet, check_images, class_folder, list_data
 from models.registry import WeightsError, check_encoder_weights
 from .checkpoint import CheckpointError, TrainingDiverged
 from .config import (DEFAULTS, SCHEMA, ConfigError, build_parser, collect_overrides, config_from_args, dump, load_yaml,
                      parse_known, validate)
 from .device import effective_precision, resolve_device
-from .distributed import broadcast, init_distributed, is_main, shutdown
+from .distributed import broadcast, init_distributed, is_main, shutdown, world_size
 from .evaluation import EvaluationResult, format_markdown, write_tables
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -140,11 +140,24 @@ def start(argv: list[str], default_config: str, description: str
     if cfg["precision"] == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
     cfg["precision"] = effective_precision(cfg, device, notes.append)
+    if cfg["batch_size"] % world_size():
+        raise ConfigError(f"batch_size {cfg['batch_size']} is the global batch: it must be divisible by the "
+                          f"{world_size()} processes of torchrun")
     output_folder(cfg["output_dir"], "--output_dir")
-    # a missing, unreadable or mismatched weights file (or a failed download) fails before a run directory exists
-    check_encoder_weights(cfg["encoder"], cfg["encoder_weights"], cfg["weights_dir"])
     cfg["run_name"] = broadcast(cfg["run_name"])
     return cfg, args, device, notes
+
+
+def load_run_data(cfg: dict, class_groups: list[list[str]]) -> list[tuple[TrainSet, dict[str, TestSet]]]:
+    """The data of each group of classes (one model each), checked before a run directory exists and cheap
+    checks first: the layout of every class, then the encoder weights (a missing, unreadable or mismatched
+    file, or a failed download: the 350 MB download comes after a mistyped data_path is reported), then
+    every image file."""
+    data = [list_data(cfg, names) for names in class_groups]
+    check_encoder_weights(cfg["encoder"], cfg["encoder_weights"], cfg["weights_dir"])
+    for train_set, test_sets in data:
+        check_images(cfg, train_set, test_sets)
+    return data
 
 
 def open_run(cfg: dict, args: argparse.Namespace, device: torch.device, notes: list[str]) -> tuple[Path, RunLog]:
