@@ -21,10 +21,11 @@ from .config import (DEFAULTS, SCHEMA, ConfigError, build_parser, collect_overri
 from .device import effective_precision, resolve_device
 from .distributed import broadcast, init_distributed, is_main, shutdown
 from .evaluation import EvaluationResult, format_markdown, write_tables
+from .trackers import check_installed
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RESUME_OVERRIDES = ("device", "num_workers", "data_path", "ckpt_every", "max_bad_steps", "spike_factor",
-                    "spike_rollback")
+                    "spike_rollback", "logger")
 # Mistakes a user can make (paths, values, files): reported as one line, never as a traceback.
 USER_ERRORS = (CheckpointError, ConfigError, DatasetLayoutError, FileExistsError, FileNotFoundError, TrainingDiverged,
                WeightsError)
@@ -141,6 +142,7 @@ def start(argv: list[str], default_config: str, description: str
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
     cfg["precision"] = effective_precision(cfg, device, notes.append)
     output_folder(cfg["output_dir"], "--output_dir")
+    check_installed(cfg["logger"])
     # a missing, unreadable or mismatched weights file (or a failed download) fails before a run directory exists
     check_encoder_weights(cfg["encoder"], cfg["encoder_weights"], cfg["weights_dir"])
     cfg["run_name"] = broadcast(cfg["run_name"])
