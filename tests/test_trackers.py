@@ -4,6 +4,7 @@ they hold the config and, per evaluation and class, the heatmap panels of the ex
 import csv
 import importlib.util
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -277,6 +278,36 @@ def test_every_tracker_shows_the_extreme_test_images_of_each_class(tracked_run, 
             assert np.array_equal(panel[22:, :size], image), (name, kind)
             mask = outputs.masks[index].numpy()
             assert np.array_equal(panel[22:, size + 4:2 * size + 4, 0] > 127, mask), (name, kind)
+
+
+def test_a_rollback_leaves_every_step_once(tracked_run, tmp_path):
+    """Rolled back from step 5 to step 2, then on to 6: TensorBoard holds the new values of steps 3-5, W&B
+    and MLflow the first ones (they cannot delete points); each holds every step once, and trackers.json
+    remembers what was sent in case the run is resumed."""
+    cfg = {**saved_config(tracked_run), "logger": INSTALLED, "run_name": "rolled"}
+    run_dir = tmp_path / "rolled"
+    run_dir.mkdir()
+    if "mlflow" in INSTALLED:  # a copy of a store MLflow created already, sparing its database migrations
+        shutil.copy(tracked_run / "mlflow.db", run_dir / "mlflow.db")
+    tracked = trackers.Trackers(cfg, run_dir, 0, {"train": 0, "eval": 0})
+    for step in range(1, 6):
+        tracked.log("train", step, {"train/loss": float(step)})
+    tracked.restart_at(2)
+    for step in range(3, 7):
+        tracked.log("train", step, {"train/loss": 10.0 + step})
+    tracked.close()
+    assert json.loads((run_dir / "trackers.json").read_text())["sent"] == {"train": 5, "eval": 0}
+
+    rewritten = [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+    kept = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 16.0)]
+    if "tensorboard" in INSTALLED:
+        assert [(e.step, e.value) for e in tensorboard_events(run_dir).Scalars("train/loss")] == rewritten
+    if "mlflow" in INSTALLED:
+        client, run = mlflow_run(run_dir)
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert sorted((m.step, m.value) for m in history) == kept
+    if "wandb" in INSTALLED:
+        assert [(step, row["train/loss"]) for step, row in wandb_history(run_dir)] == kept
 
 
 def test_csv_and_png_are_still_written(tracked_run):

@@ -48,7 +48,7 @@ def check_installed(names: Optional[list[str]]) -> None:
 
 
 def hyper_parameters(cfg: dict) -> dict:
-    """The config with every value a number, a bool or a string (lists and null as JSON)."""
+    """The config as TensorBoard and MLflow take it: numbers, bools and strings; lists and null as JSON."""
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in cfg.items()}
 
 
@@ -69,14 +69,13 @@ class TensorBoard:
     reader drops every event after S of the earlier files."""
     rewrites = True
 
-    def __init__(self, run_dir: Path, name: str, run_id: Optional[str], hparams: dict, step: int, cfg: dict):
+    def __init__(self, run_dir: Path, name: str, run_id: Optional[str], step: int, cfg: dict):
         from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
-        self.make_writer = lambda purge_step: SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
-        self.writer = self.make_writer(step + 1 if run_id else None)
-        self.run_id = "tensorboard"
+        from torch.utils.tensorboard.summary import hparams
+        self.writer_class, self.dir, self.run_id = SummaryWriter, str(run_dir / "tensorboard"), "tensorboard"
+        self.writer = SummaryWriter(self.dir, purge_step=step + 1 if run_id else None)
         if run_id is None:
-            for summary in hparams_summary(hparams, {}):
+            for summary in hparams(hyper_parameters(cfg), {}):
                 self.writer.file_writer.add_summary(summary)
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -89,7 +88,7 @@ class TensorBoard:
 
     def restart_at(self, step: int) -> None:
         self.writer.close()
-        self.writer = self.make_writer(step + 1)
+        self.writer = self.writer_class(self.dir, purge_step=step + 1)
 
     def close(self) -> None:
         self.writer.close()
@@ -100,7 +99,7 @@ class WandB:
     online with WANDB_MODE=online; project WANDB_PROJECT, else dinomaly."""
     rewrites = False
 
-    def __init__(self, run_dir: Path, name: str, run_id: Optional[str], hparams: dict, step: int, cfg: dict):
+    def __init__(self, run_dir: Path, name: str, run_id: Optional[str], step: int, cfg: dict):
         import wandb
         self.image = wandb.Image
         self.run = wandb.init(dir=str(run_dir), project=os.environ.get("WANDB_PROJECT", "dinomaly"), name=name,
@@ -128,7 +127,7 @@ class MLflow:
     rewrites = False
     KEY = re.compile(r"[^\w.\- /:]")  # characters MLflow refuses in a key (a class folder may hold them)
 
-    def __init__(self, run_dir: Path, name: str, run_id: Optional[str], hparams: dict, step: int, cfg: dict):
+    def __init__(self, run_dir: Path, name: str, run_id: Optional[str], step: int, cfg: dict):
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param
         self.metric = Metric
@@ -141,7 +140,7 @@ class MLflow:
             artifacts = None if uri else (run_dir / "mlartifacts").resolve().as_uri()
             experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifacts)
             run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
-            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in hparams.items()])
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in hyper_parameters(cfg).items()])
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
@@ -181,8 +180,7 @@ class Trackers:
         self.sent = {kind: max(last, state.get("sent", {}).get(kind, 0)) for kind, last in sent.items()}
         self.highest = dict(self.sent)
         name = run_dir.name if run_dir.name == cfg["run_name"] else f"{run_dir.parent.name}/{run_dir.name}"
-        hparams = hyper_parameters(cfg)
-        self.backends = {tracker: BACKENDS[tracker](run_dir, name, state.get(tracker), hparams, step, cfg)
+        self.backends = {tracker: BACKENDS[tracker](run_dir, name, state.get(tracker), step, cfg)
                          for tracker in dict.fromkeys(cfg["logger"])}
         self._save_state()
 
