@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from datasets import TestSet, build_test_set, class_folder
-from models import input_normalization
 from models.registry import check_encoder_weights
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import add_config_flags, collect_overrides, dump, parse_known, validate
 from utils.evaluation import ClassOutputs, EvaluationResult, evaluate, format_markdown, write_tables
 from utils.device import peak_memory_mib, resolve_device
 from utils.run_setup import RunLog, output_folder, run_cli
-from utils.visualize import save_panel, to_display_image
+from utils.visualize import sample_panel, write_png
 
 EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "realiad_images", "realiad_maskless", "masks",
              "device", "batch_size", "num_workers", "encoder_weights", "weights_dir", "gt_threshold", "max_ratio",
@@ -56,12 +55,9 @@ def map_saver(out_dir: Path, count: int, cfg: dict):
         vmin, vmax = float(outputs.maps.min()), float(outputs.maps.max())
         for i in np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)):
             sample = dataset.samples[i]
-            rgb = to_display_image(dataset[i][0][:3], cfg["map_size"], *input_normalization(cfg))  # RGB of RGB-D
-            title = f"{sample.defect}/{sample.image.name}  score {float(outputs.scores[i]):.4f}"
             view = "" if sample.view is None else f"_view{sample.view}"
-            save_panel(out_dir / "maps" / class_folder(name) / f"{sample.defect}_{sample.image.stem}{view}.png", rgb,
-                       outputs.maps[i].cpu().numpy(), vmin, vmax,
-                       None if outputs.masks is None else outputs.masks[i].cpu().numpy(), title)
+            write_png(out_dir / "maps" / class_folder(name) / f"{sample.defect}_{sample.image.stem}{view}.png",
+                      sample_panel(dataset, outputs, i, cfg, vmin, vmax))
     return save
 
 

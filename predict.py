@@ -60,7 +60,7 @@ def colour_scale(checkpoint: dict, class_name: Optional[str]) -> Optional[tuple[
 def find_inputs(root: Path, cfg: dict) -> list[Path]:
     """The images under `root`; for an MVTec 3D-AD run the PNGs of rgb/ folders (each read with the
     z/<name>.tiff beside its folder)."""
-    paths = find_inputs(root, cfg)
+    paths = find_images(root)
     if cfg["dataset"] != "mvtec3d":
         return paths
     paths = [p for p in paths if p.parent.name == "rgb" and p.suffix.lower() == ".png"]

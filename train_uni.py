@@ -118,7 +118,7 @@ def evaluate_on_main(model: Dinomaly, test_sets: dict[str, TestSet], cfg: dict, 
     result = None
     if is_main():
         log(f"step {step}: evaluating")
-        result = evaluate(model, test_sets, cfg, device, log)
+        result = evaluate(model, test_sets, cfg, device, log, on_class=curves.collect_panels)
         curves.log_eval(step, result.rows)
     barrier()
     model.train()
@@ -154,12 +154,12 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
     schedule = GroupSchedule(cfg, base_learning_rates(cfg))
     guard = TrainingGuard(cfg["max_bad_steps"], cfg["spike_factor"])
     progress = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True, disable=not is_main())
-    curves = Curves(run_dir, state.step, enabled=is_main())
+    curves = Curves(run_dir, state.step, enabled=is_main(), cfg=cfg)  # and the trackers of cfg['logger']
     tick = time.perf_counter()
 
     model.train()
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, curves:
             while state.step < total:
                 for inputs, indices in train_loader(data, class_ids, cfg, state, device, train_set.modalities):
                     lrs = schedule(state.step)
@@ -207,6 +207,7 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
     state.results = evaluate_on_main(model, test_sets, cfg, device, log, curves, state.step)
     save_training(path, model, optimizer, state, cfg, classes, finished=True)
     curves.plot_final(state.results.rows if state.results else None)
+    curves.close()
     if isinstance(data, FeatureCache):
         shutil.rmtree(run_dir / "feature_cache", ignore_errors=True)
     return state.results

@@ -51,7 +51,8 @@ def _infer_type(key: str, value: Any) -> Any:
 
 
 AUTO = "auto"  # a value resolved from the encoder when the config is validated
-NULL_DEFAULT_TYPES = {"classes": Optional[list[str]], "bottleneck_first_lr": Optional[float]}
+NULL_DEFAULT_TYPES = {"classes": Optional[list[str]], "bottleneck_first_lr": Optional[float],
+                      "logger": Optional[list[str]]}
 TYPE_OVERRIDES = {"target_layers": Union[list[int], str]}  # a list, or AUTO
 DEFAULTS: dict[str, Any] = load_yaml(BASE_CONFIG)
 SCHEMA: dict[str, Any] = {key: TYPE_OVERRIDES.get(key) or _infer_type(key, value) for key, value in DEFAULTS.items()}
@@ -74,6 +75,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "image_cache": ("none", "memory", "disk"),
     "cache_features": ("none", "memory", "disk"),
+    "logger": ("tensorboard", "wandb", "mlflow"),  # each item of the list
 }
 POSITIVE = ("image_size", "crop_size", "batch_size", "decoder_depth", "total_iters", "lr", "conv_kernel",
             "bottleneck_width", "bottleneck_first_lr",
@@ -112,8 +114,10 @@ def _parse_cli_value(text: str, tp: Any) -> Any:
     if text == AUTO and _matches(AUTO, tp):
         return AUTO
     base = [a for a in get_args(tp) if a is not type(None)][0] if get_origin(tp) is Union else tp
+    if text.lower() in ("null", "none") and base is not tp:
+        return None
     if base is str:
-        return None if text.lower() in ("null", "none") and base is not tp else text
+        return text
     if base is float:
         try:
             return float(text)
@@ -135,8 +139,9 @@ def _check(cfg: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be {_type_name(SCHEMA[key])}, got {value!r}")
         if isinstance(value, str) and key in TYPE_OVERRIDES and value != AUTO:
             raise ConfigError(f"{source}: '{key}' must be a list or '{AUTO}', got '{value}'")
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(CHOICES[key])}, got '{value}'")
+        for item in (value if isinstance(value, list) else [value]) if key in CHOICES and value is not None else []:
+            if item not in CHOICES[key]:
+                raise ConfigError(f"{source}: '{key}' must be one of {', '.join(CHOICES[key])}, got '{item}'")
         if key in POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"{source}: '{key}' must be > 0, got {value}")
         if key in NON_NEGATIVE and value < 0:

@@ -6,6 +6,9 @@
     curves.png           loss and lr against step          (refreshed at each log line and evaluation)
     metrics.png          mean metrics against step         (refreshed at each evaluation)
     per_class.png        the final metrics of every class  (at the end)
+
+With `logger` set, the same rows (and heatmap panels at each evaluation) also go to TensorBoard, W&B
+or MLflow (utils/trackers.py).
 """
 import csv
 from pathlib import Path
@@ -17,8 +20,12 @@ matplotlib.use("Agg")  # headless: no display needed, safe in data-loader worker
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .evaluation import TABLE_COLUMNS, mean_row, percent  # noqa: E402
+from .trackers import Trackers, panel_indices  # noqa: E402
+from .visualize import sample_panel  # noqa: E402
 
-STEP_COLUMNS = ("step", "loss", "lr", "grad_norm", "hm_easy_share", "s_per_step", "images_per_s")
+STEP_FORMATS = {"loss": ".6g", "lr": ".6g", "grad_norm": ".6g", "hm_easy_share": ".4g", "s_per_step": ".4g",
+                "images_per_s": ".4g"}
+STEP_COLUMNS = ("step",) + tuple(STEP_FORMATS)
 EVAL_COLUMNS = ("step", "class") + TABLE_COLUMNS
 
 
@@ -29,20 +36,43 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def last_step(path: Path) -> int:
+    return max((int(row["step"]) for row in read_rows(path)), default=0)
+
+
 class Curves:
     """Appends rows as training goes; on resume or rollback, rows past the restored step are dropped
-    so that every step appears once."""
+    so that every step appears once. With `cfg` naming trackers (`logger`), they receive the same rows;
+    used as a context manager, an exception (a signal, an error) closes them so that what they hold
+    reaches the disk."""
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool = True):
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool = True, cfg: Optional[dict] = None):
         self.run_dir = Path(run_dir)
         self.steps_csv = self.run_dir / "train_steps.csv"
         self.eval_csv = self.run_dir / "eval_metrics.csv"
         self.enabled = enabled
+        self.cfg, self.trackers, self.panels = cfg, None, {}
+        sent = {"train": last_step(self.steps_csv), "eval": last_step(self.eval_csv)}  # before the restart cuts them
         self.restart_at(start_step)
+        if enabled and cfg and cfg["logger"]:
+            self.trackers = Trackers(cfg, self.run_dir, start_step, sent)
+
+    def __enter__(self) -> "Curves":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        if error_type is not None:
+            self.close()
+
+    def close(self) -> None:
+        if self.trackers:
+            self.trackers.close()
 
     def restart_at(self, step: int) -> None:
         if not self.enabled:
             return
+        if self.trackers:
+            self.trackers.restart_at(step)
         for path, columns in ((self.steps_csv, STEP_COLUMNS), (self.eval_csv, EVAL_COLUMNS)):
             kept = [row for row in read_rows(path) if int(row["step"]) <= step]
             with open(path, "w", newline="") as f:
@@ -57,15 +87,30 @@ class Curves:
 
     def log_step(self, step: int, loss: float, lr: float, grad_norm: float, easy_share: float, seconds: float,
                  batch_size: int) -> None:
-        self._append(self.steps_csv, STEP_COLUMNS, [{
-            "step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}", "grad_norm": f"{grad_norm:.6g}",
-            "hm_easy_share": f"{easy_share:.4g}", "s_per_step": f"{seconds:.4g}",
-            "images_per_s": f"{batch_size / seconds:.4g}" if seconds > 0 else "nan"}])
+        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "hm_easy_share": easy_share, "s_per_step": seconds,
+                  "images_per_s": batch_size / seconds if seconds > 0 else float("nan")}
+        self._append(self.steps_csv, STEP_COLUMNS,
+                     [{"step": step, **{k: f"{v:{STEP_FORMATS[k]}}" for k, v in values.items()}}])
+        if self.trackers:
+            self.trackers.log("train", step, {f"train/{k}": v for k, v in values.items()})
+
+    def collect_panels(self, name: str, dataset, outputs) -> None:
+        """evaluate's on_class: with trackers, the heatmap panels of panel_indices for class `name`, on the
+        class's own colour scale, to be sent with the evaluation's metrics."""
+        if not self.trackers:
+            return
+        vmin, vmax = float(outputs.maps.min()), float(outputs.maps.max())
+        for kind, index in panel_indices(outputs.scores.cpu().numpy(), outputs.labels.cpu().numpy()).items():
+            self.panels[f"heatmaps/{name}/{kind}"] = sample_panel(dataset, outputs, index, self.cfg, vmin, vmax)
 
     def log_eval(self, step: int, rows: dict[str, dict[str, float]]) -> None:
         table = list(rows.items()) + [("mean", mean_row(rows))]
         self._append(self.eval_csv, EVAL_COLUMNS, [
             {"step": step, "class": name, **{k: percent(row[k], 4) for k in TABLE_COLUMNS}} for name, row in table])
+        if self.trackers:  # empty cells (None: no masks, a modality without anomalous pixels) are not sent
+            self.trackers.log("eval", step, {f"eval/{name}/{k}": 100 * row[k] for name, row in table
+                                             for k in TABLE_COLUMNS if row[k] is not None}, self.panels)
+            self.panels = {}
         self.plot()
 
     def plot(self) -> None:

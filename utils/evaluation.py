@@ -129,7 +129,6 @@ def defect_rows(outputs: ClassOutputs, dataset: TestSet) -> list[dict]:
     rows = []
     for defect in sorted({s.defect for s in dataset.samples} - {"good"}):
         keep = good | torch.from_numpy(defects == defect).to(good.device)
-        pixel = None if outputs.masks is None else ranking_metrics(outputs.maps[keep], outputs.masks[keep])["auroc"]
         rows.append({
             "class": dataset.samples[0].class_name, "defect": defect, "images": int(keep.sum() - good.sum()),
             "I-AUROC": _auroc_or_none(outputs.scores[keep], outputs.labels[keep]),

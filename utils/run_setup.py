@@ -21,10 +21,11 @@ from .config import (DEFAULTS, SCHEMA, ConfigError, build_parser, collect_overri
 from .device import effective_precision, resolve_device
 from .distributed import broadcast, init_distributed, is_main, shutdown, world_size
 from .evaluation import EvaluationResult, format_markdown, write_tables
+from .trackers import check_installed
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RESUME_OVERRIDES = ("device", "num_workers", "data_path", "ckpt_every", "max_bad_steps", "spike_factor",
-                    "spike_rollback")
+                    "spike_rollback", "logger")
 # Mistakes a user can make (paths, values, files): reported as one line, never as a traceback.
 USER_ERRORS = (CheckpointError, ConfigError, DatasetLayoutError, FileExistsError, FileNotFoundError, TrainingDiverged,
                WeightsError)
@@ -144,6 +145,7 @@ def start(argv: list[str], default_config: str, description: str
         raise ConfigError(f"batch_size {cfg['batch_size']} is the global batch: it must be divisible by the "
                           f"{world_size()} processes of torchrun")
     output_folder(cfg["output_dir"], "--output_dir")
+    check_installed(cfg["logger"])
     cfg["run_name"] = broadcast(cfg["run_name"])
     return cfg, args, device, notes
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models import input_normalization
 
 
 def to_display_image(image: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -25,9 +26,9 @@ def heatmap_overlay(rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
     return (alpha * colored + (1 - alpha) * rgb).round().astype(np.uint8)
 
 
-def save_panel(path: Path, rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
-               mask: Optional[np.ndarray] = None, title: str = "") -> None:
-    """PNG of image | ground truth (when given) | heatmap overlay, with an optional caption."""
+def panel(rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, mask: Optional[np.ndarray] = None,
+          title: str = "") -> np.ndarray:
+    """image | ground truth (when given) | heatmap overlay as one RGB array, with an optional caption."""
     panels = [rgb]
     if mask is not None:
         panels.append(np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2))
@@ -37,6 +38,26 @@ def save_panel(path: Path, rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax:
     if title:
         row = np.concatenate([np.full((22, row.shape[1], 3), 255, np.uint8), row], axis=0)
         cv2.putText(row, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return row
+
+
+def sample_panel(dataset, outputs, index: int, cfg: dict, vmin: float, vmax: float) -> np.ndarray:
+    """The panel of test image `index` of a class (a TestSet and its ClassOutputs), captioned with its
+    defect, file name and score."""
+    sample = dataset.samples[index]
+    rgb = to_display_image(dataset[index][0][:3], cfg["map_size"], *input_normalization(cfg))  # RGB of RGB-D
+    title = f"{sample.defect}/{sample.image.name}  score {float(outputs.scores[index]):.4f}"
+    mask = None if outputs.masks is None else outputs.masks[index].cpu().numpy()
+    return panel(rgb, outputs.maps[index].cpu().numpy(), vmin, vmax, mask, title)
+
+
+def save_panel(path: Path, rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
+               mask: Optional[np.ndarray] = None, title: str = "") -> None:
+    """PNG of `panel`."""
+    write_png(path, panel(rgb, amap, vmin, vmax, mask, title))
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(row[..., ::-1])):
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1])):
         raise OSError(f"could not write {path}")
