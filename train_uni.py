@@ -199,11 +199,11 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
                             f"{path}; continue with --resume {run_root(run_dir, classes)}")
                         raise SystemExit(stop.exit_code)
     except DatasetLayoutError as error:  # an image changed since the check; processes cannot agree on a save
-        progress.close()  # the error then starts on a line of its own
         if world_size() == 1:
             save_training(path, model, optimizer, state, cfg, classes)
         raise unreadable_image(error, state.step if world_size() == 1 else None, run_root(run_dir, classes)) from None
-    progress.close()
+    finally:  # whatever ends the loop (an error, a signal): what is printed next starts on a line of its own
+        progress.close()
     state.results = evaluate_on_main(model, test_sets, cfg, device, log, curves, state.step)
     save_training(path, model, optimizer, state, cfg, classes, finished=True)
     curves.plot_final(state.results.rows if state.results else None)

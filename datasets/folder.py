@@ -112,9 +112,13 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def map_images(read: Callable[[Any], R], items: Sequence, desc: str, show: bool = True) -> list[R]:
     """`read` of every image on a thread pool (PIL releases the GIL while decoding), with a progress bar."""
-    with ThreadPoolExecutor() as pool:
-        return list(tqdm(pool.map(read, items), total=len(items), desc=desc, unit="image", disable=not show,
-                         leave=False))
+    with ThreadPoolExecutor() as pool, tqdm(total=len(items), desc=desc, unit="image", disable=not show,
+                                            leave=False) as progress:  # closed on an error too
+        results = []
+        for result in pool.map(read, items):
+            results.append(result)
+            progress.update()
+        return results
 
 
 def check_files(train_paths: list[Path], test_samples: list[TestSample], decode_train: bool,

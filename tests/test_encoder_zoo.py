@@ -279,7 +279,7 @@ def test_target_layers_follow_the_encoder_depth_and_a_list_wins():
     assert resolved(encoder="mae_vit_large_16", image_size=512, crop_size=448) == [4, 6, 8, 10, 12, 14, 16, 18]
     assert resolved(encoder="dinov3_vit_huge_plus_16", image_size=512, crop_size=448) == [5, 8, 11, 13, 16, 19, 21, 24]
     assert resolved(encoder="dinov2reg_vit_giant_14") == [7, 10, 13, 17, 20, 23, 27, 30]
-    assert resolved(encoder="dinov2reg_vit_large_14", target_layers=[1, 2, 3]) == [1, 2, 3]
+    assert resolved(encoder="dinov2reg_vit_large_14", target_layers=[1, 2, 3, 4, 5, 6, 7, 8]) == [1, 2, 3, 4, 5, 6, 7, 8]
     with pytest.raises(ConfigError, match="'target_layers' must be a list or 'auto', got 'deep'"):
         resolved(target_layers="deep")
     with pytest.raises(ConfigError, match="--image_size 512 --crop_size 448"):

@@ -9,8 +9,14 @@ import tifffile
 import torch
 from PIL import Image
 
+import evaluate
+import export
+import predict
 import train_uni
 from conftest import ROOT, encoder_layers, run_in_process, tiny_run_args
+from sklearn.metrics import roc_auc_score
+from datasets import build_train_set
+from datasets.caches import FeatureCache
 from datasets.mvtec3d import RGBDReader, render_depth
 from models import build_model
 from prepare_data import prepare_mvtec3d
@@ -177,6 +183,24 @@ def test_rgb_ratio_one_is_the_rgb_model_and_the_blend_is_per_token(tiny_weights)
             torch.testing.assert_close(group, target.transpose(1, 2).reshape(group.shape), rtol=0, atol=1e-5)
 
 
+def test_feature_cache_holds_the_blended_layers(tmp_path, tiny_weights):
+    data = tmp_path / "data"
+    make_rgbd_dataset(str(data), num_train=4, num_test_good=1, num_test_defect=1, size=64, seed=0)
+    cfg = rgbd_config(tiny_weights, data_path=str(data), batch_size=2, num_workers=0)
+    model = build_model(cfg).eval()
+    train_set = build_train_set(cfg, ["dome"])
+    cache = FeatureCache(model, train_set, cfg, torch.device("cpu"), "memory", tmp_path / "features",
+                         log=lambda _: None)
+    for i in range(len(train_set)):
+        (fused, groups), _ = cache[i]
+        with torch.no_grad():
+            want_fused, want_groups = model.encode(train_set[i][0][None])  # RGB and depth, blended
+        assert train_set[i][0].shape[0] == 6
+        torch.testing.assert_close(fused, want_fused[0], rtol=1e-5, atol=1e-5)
+        for got, want in zip(groups, want_groups):
+            torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
+
+
 def i_auroc(run_dir) -> float:
     with open(run_dir / "results.csv") as f:
         return float(next(row for row in csv.DictReader(f) if row["class"] == "dome")["I-AUROC"])
@@ -195,3 +219,23 @@ def test_depth_only_defects_are_found_by_rgbd_and_not_by_rgb(tmp_path, tiny_weig
         results[modality] = i_auroc(tmp_path / "runs" / modality)
     assert results["rgbd"] >= 90, results
     assert results["rgb"] == pytest.approx(50.0), results  # each defective image has a normal one's RGB image
+    check_tools_on_the_rgbd_run(tmp_path, data / "dome" / "test", tmp_path / "runs" / "rgbd", results["rgbd"], capsys)
+
+
+def check_tools_on_the_rgbd_run(tmp_path, test_dir, run_dir, trained_i_auroc, capsys):
+    """evaluate.py reproduces the run's table, predict.py scores rgb + z pairs as the run did (the
+    depth-only defects rank above the normal images), export.py refuses in one line."""
+    checkpoint = run_dir / "checkpoint.pth"
+    out = tmp_path / "eval"
+    assert run_in_process(evaluate, ["--checkpoint", checkpoint, "--out", out], capsys).returncode == 0
+    assert i_auroc(out) == pytest.approx(trained_i_auroc)
+    result = run_in_process(predict, ["--checkpoint", checkpoint, "--images", test_dir, "--out", tmp_path / "pred",
+                                      "--no_heatmaps"], capsys)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "pred" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(list(test_dir.glob("*/rgb/*.png")))
+    labels = [0 if "/good/" in row["file"].replace("\\", "/") else 1 for row in rows]
+    assert 100 * roc_auc_score(labels, [float(row["score"]) for row in rows]) == pytest.approx(trained_i_auroc)
+    refused = run_in_process(export, ["--checkpoint", checkpoint, "--out", tmp_path / "m.onnx"], capsys)
+    assert refused.returncode != 0 and "not supported" in refused.stderr and "Traceback" not in refused.stderr

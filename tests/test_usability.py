@@ -173,13 +173,12 @@ def test_offline_official_weights_leave_no_run_directory(data, tmp_path, capsys,
 def test_cheap_mistakes_are_reported_before_any_download_or_run_directory(tmp_path, capsys, monkeypatch):
     """The README's first command without the dataset, and layer indices beyond the encoder: one line each,
     with no attempt to fetch the 350 MB encoder (no network here) and nothing written."""
-    from models import registry
     downloads = []
 
     def offline(*args, **kwargs):
         downloads.append(args)
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(registry.urllib.request, "urlopen", offline)
+    monkeypatch.setattr("urllib.request.urlopen", offline)
     common = ["--output_dir", tmp_path / "out", "--weights_dir", tmp_path / "weights", "--device", "cpu"]
     result = run_in_process(train_uni, ["--data_path", tmp_path / "mvtec_anomaly_detection", *common], capsys)
     assert_one_line_error(result, f"data_path does not exist or is not a folder: {tmp_path / 'mvtec_anomaly_detection'}")
