@@ -24,8 +24,8 @@ from tqdm import tqdm
 from datasets import TestSet, TrainSet, dataset_classes, load_data
 from models.advit import CAPSULE_DIM, ADViT, advit_loss, association_losses, decoder_output_size
 from train_sep import train_classes
-from train_uni import LOG_EVERY, evaluate_on_main, run_root, train_loader
-from utils.checkpoint import (TrainState, load_checkpoint, load_trainable, restore_training, rollback,
+from train_uni import LOG_EVERY, evaluate_on_main, must_roll_back, roll_back, run_root, train_loader
+from utils.checkpoint import (TrainState, load_checkpoint, load_trainable, restore_training,
                               save_checkpoint, save_training)
 from utils.config import ConfigError, settings_keys
 from utils.curves import Curves
@@ -167,16 +167,8 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
         while state.step < total:
             for images, indices in train_loader(train_set, None, cfg, state, device):
                 loss, finite, grad_norm = train_step(model, optimizer, images.to(device), cfg)
-                verdict = guard.check(loss, finite)
-                if verdict != "ok":
-                    files = ", ".join(train_set.samples[i][0].name for i in indices.tolist())
-                    log(f"step {state.step + 1}: {verdict} (loss {loss:.4g}, update "
-                        f"{'applied' if finite else 'skipped'}); batch: {files}")
-                if verdict == "diverged" or (verdict == "spike" and cfg["spike_rollback"]):
-                    state = rollback(path, model, optimizer, state, log)
-                    curves.restart_at(state.step)
-                    guard.reset()
-                    progress.n = state.step
+                if must_roll_back(guard, loss, finite, indices, train_set, state, cfg, log):
+                    state = roll_back(path, model, optimizer, state, log, curves, guard, progress)
                     break
                 state.step += 1
                 state.losses.append(loss)

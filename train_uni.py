@@ -125,6 +125,29 @@ def evaluate_on_main(model: Dinomaly, test_sets: dict[str, TestSet], cfg: dict, 
     return result
 
 
+def must_roll_back(guard: TrainingGuard, loss: float, finite: bool, indices: torch.Tensor, train_set: TrainSet,
+                   state: TrainState, cfg: dict, log: RunLog) -> bool:
+    """The guard's verdict on the step just taken, logged with the files of its batch when it is not "ok";
+    True when the run goes back to its last checkpoint (diverged, or a spike with spike_rollback)."""
+    verdict = guard.check(loss, finite)
+    if verdict != "ok":
+        files = ", ".join(train_set.samples[i][0].name for i in indices.tolist())
+        log(f"step {state.step + 1}: {verdict} (loss {loss:.4g}, update "
+            f"{'applied' if finite else 'skipped'}); batch: {files}")
+    return verdict == "diverged" or (verdict == "spike" and cfg["spike_rollback"])
+
+
+def roll_back(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, log: RunLog,
+              curves: Curves, guard: TrainingGuard, progress: tqdm) -> TrainState:
+    """The state of the last checkpoint at `path`, with the curves cut there, a fresh guard and the
+    progress bar moved back."""
+    state = rollback(path, model, optimizer, state, log)
+    curves.restart_at(state.step)
+    guard.reset()
+    progress.n = state.step
+    return state
+
+
 def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir: Path, log: RunLog,
           device: torch.device, resume: Optional[dict] = None) -> EvaluationResult:
     """Train one model on `train_set` (from scratch, or from the checkpoint `resume`), evaluating on
@@ -167,16 +190,8 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
                     easy_share = hard_mining_p(state.step, cfg["hm_p_final"], cfg["hm_ramp_iters"])
                     loss, finite, grad_norm = train_step(net, optimizer, to_device(inputs, device), state.step, lrs,
                                                          cfg, scaler)
-                    verdict = guard.check(loss, finite)
-                    if verdict != "ok":
-                        files = ", ".join(train_set.samples[i][0].name for i in indices.tolist())
-                        log(f"step {state.step + 1}: {verdict} (loss {loss:.4g}, update "
-                            f"{'applied' if finite else 'skipped'}); batch: {files}")
-                    if verdict == "diverged" or (verdict == "spike" and cfg["spike_rollback"]):
-                        state = rollback(path, model, optimizer, state, log)
-                        curves.restart_at(state.step)
-                        guard.reset()
-                        progress.n = state.step
+                    if must_roll_back(guard, loss, finite, indices, train_set, state, cfg, log):
+                        state = roll_back(path, model, optimizer, state, log, curves, guard, progress)
                         break
                     state.step += 1
                     state.losses.append(loss)
