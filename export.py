@@ -76,15 +76,15 @@ def ort_session(path: Path, provider: str):
 class ScoringGraph(nn.Module):
     """What is exported: images in [0, 1] -> (anomaly maps B x S x S, image scores B); normalises inside."""
 
-    def __init__(self, model: nn.Module, cfg: dict):
+    def __init__(self, model: nn.Module, cfg: dict, precision: str = "fp32"):
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.precision = model, cfg, precision  # predict.py's --precision (benchmarks)
         mean, std = input_normalization(cfg)
         self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return predict_maps(self.model, (images - self.input_mean) / self.input_std, self.cfg)
+        return predict_maps(self.model, (images - self.input_mean) / self.input_std, self.cfg, self.precision)
 
 
 def export_graph(graph: ScoringGraph, crop_size: int, path: Path) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from datasets import TestSet, TrainSet, dataset_classes, load_data
 from models.advit import CAPSULE_DIM, ADViT, advit_loss, association_losses, decoder_output_size
 from train_sep import train_classes
-from train_uni import LOG_EVERY, evaluate_on_main, must_roll_back, roll_back, run_root, train_loader
+from train_uni import LOG_EVERY, evaluate_on_main, evaluate_save_or_stop, must_roll_back, roll_back, train_loader
 from utils.checkpoint import (TrainState, load_checkpoint, load_trainable, restore_training,
                               save_checkpoint, save_training)
 from utils.config import ConfigError, settings_keys
@@ -182,15 +182,7 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
                     curves.plot()
                 if cfg["select"] == "best_train_loss" and state.step % per_epoch == 0:
                     keep_if_best(model, best_path, state, per_epoch, cfg)
-                if cfg["eval_every"] and state.step % cfg["eval_every"] == 0 and state.step < total:
-                    state.results = evaluate_on_main(model, test_sets, cfg, device, log, curves, state.step)
-                stopping = stop.requested()
-                if stopping or (cfg["ckpt_every"] and state.step % cfg["ckpt_every"] == 0):
-                    save_training(path, model, optimizer, state, cfg, classes)
-                if stopping:
-                    log(f"signal {stop.signal}: checkpoint saved at step {state.step} in {path}; continue with "
-                        f"--resume {run_root(run_dir, classes)}")
-                    raise SystemExit(stop.exit_code)
+                evaluate_save_or_stop(model, optimizer, state, stop, test_sets, cfg, device, log, curves, path)
     progress.close()
     if cfg["select"] == "best_train_loss":
         load_best(model, best_path, state, per_epoch, log)

@@ -125,6 +125,23 @@ def evaluate_on_main(model: Dinomaly, test_sets: dict[str, TestSet], cfg: dict, 
     return result
 
 
+def evaluate_save_or_stop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+                          stop: StopRequest, test_sets: dict[str, TestSet], cfg: dict, device: torch.device,
+                          log: RunLog, curves: Curves, path: Path) -> None:
+    """What follows every step: an evaluation every `eval_every` steps (the last step's is training's final
+    one), the checkpoint at `path` every `ckpt_every` steps or on a signal, and after a signal the exit."""
+    if cfg["eval_every"] and state.step % cfg["eval_every"] == 0 and state.step < cfg["total_iters"]:
+        state.results = evaluate_on_main(model, test_sets, cfg, device, log, curves, state.step)
+    stopping = stop.requested()
+    classes = list(test_sets)
+    if stopping or (cfg["ckpt_every"] and state.step % cfg["ckpt_every"] == 0):
+        save_training(path, model, optimizer, state, cfg, classes)
+    if stopping:
+        log(f"signal {stop.signal or 'on another rank'}: checkpoint saved at step {state.step} in {path}; "
+            f"continue with --resume {run_root(path.parent, classes)}")
+        raise SystemExit(stop.exit_code)
+
+
 def must_roll_back(guard: TrainingGuard, loss: float, finite: bool, indices: torch.Tensor, train_set: TrainSet,
                    state: TrainState, cfg: dict, log: RunLog) -> bool:
     """The guard's verdict on the step just taken, logged with the files of its batch when it is not "ok";
@@ -204,15 +221,7 @@ def train(cfg: dict, train_set: TrainSet, test_sets: dict[str, TestSet], run_dir
                         recent = state.losses[-LOG_EVERY:]
                         log(f"step {state.step}/{total}  loss {sum(recent) / len(recent):.4f}  lr {lr:.3e}")
                         curves.plot()
-                    if cfg["eval_every"] and state.step % cfg["eval_every"] == 0 and state.step < total:
-                        state.results = evaluate_on_main(model, test_sets, cfg, device, log, curves, state.step)
-                    stopping = stop.requested()
-                    if stopping or (cfg["ckpt_every"] and state.step % cfg["ckpt_every"] == 0):
-                        save_training(path, model, optimizer, state, cfg, classes)
-                    if stopping:
-                        log(f"signal {stop.signal or 'on another rank'}: checkpoint saved at step {state.step} in "
-                            f"{path}; continue with --resume {run_root(run_dir, classes)}")
-                        raise SystemExit(stop.exit_code)
+                    evaluate_save_or_stop(model, optimizer, state, stop, test_sets, cfg, device, log, curves, path)
     except DatasetLayoutError as error:  # an image changed since the check; processes cannot agree on a save
         if world_size() == 1:
             save_training(path, model, optimizer, state, cfg, classes)

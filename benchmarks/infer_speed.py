@@ -5,12 +5,14 @@
 
 Each runtime scores batches of 1 and 16 (--batch_sizes) from the image to the smoothed map and the score:
   torch fp32       eager PyTorch, the recipe's computation
-  torch bf16       bf16 autocast (CUDA, or a CPU with native bf16; skipped where it would be emulated)
+  torch bf16       predict.py --precision bf16: bf16 autocast of encoder and decoder, their matrix weights
+                   cast once (CUDA, or a CPU with native bf16; skipped where it would be emulated)
   torch compile    torch.compile of the encoder and decoder blocks (only with --with_compile: minutes)
   onnxruntime CPU  the export.py graph in ONNX Runtime's CPU provider, as predict_onnx.py runs it
   onnxruntime CUDA the same graph on the CUDA provider, when onnxruntime-gpu and a GPU are there
 The decoder is untrained (speed does not depend on the weights). Accepts every config key as --key value.
 """
+import copy
 import statistics
 import sys
 import tempfile
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from export import ScoringGraph, export_graph, onnx_packages, ort_session  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.config import parse_args  # noqa: E402
-from utils.device import autocast, cpu_bf16_native, cpu_description, resolve_device  # noqa: E402
+from utils.device import cpu_bf16_native, cpu_description, resolve_device, store_weights_for_autocast  # noqa: E402
 from utils.rng import seed_everything  # noqa: E402
 
 
@@ -43,13 +45,11 @@ def seconds_per_batch(run, batch: torch.Tensor, repeats: int, synchronize) -> fl
 
 def torch_runners(graph: ScoringGraph, cfg: dict, device: torch.device, with_compile: bool) -> dict:
     def eager(precision):
-        def run(batch):
-            with torch.no_grad(), autocast(device, precision):
-                return graph(batch.to(device))
-        return run
+        scoring = ScoringGraph(store_weights_for_autocast(copy.deepcopy(graph.model), precision), cfg, precision)
+        return lambda batch: scoring(batch.to(device))
     runners = {"torch fp32": eager("fp32")}
     if device.type == "cuda" or cpu_bf16_native():
-        runners["torch bf16"] = eager("bf16")
+        runners["torch bf16"] = eager("bf16")  # as predict.py --precision bf16 runs it
     if with_compile:
         compiled = ScoringGraph(graph.model, cfg).to(device).eval()
         for block in [*compiled.model.encoder.blocks, *compiled.model.decoder]:

@@ -245,3 +245,54 @@ def test_predict_normalize_writes_scores_in_0_1_with_the_threshold_at_one_half(t
                                                    "--normalize", "--out", tmp_path / "o"], capsys),
                           f"{tmp_path / 'old.pth'} stores no score scale")
     assert not (tmp_path / "o").exists()
+
+
+def test_bf16_scoring_stores_the_casts_autocast_would_make(trained_run, synthetic_data):
+    """Weights cast once before scoring give bit for bit the maps of autocast casting them at every call,
+    for DINOv2 (the trained miniature) and DINOv3 (RoPE, registers, LayerScale) encoders."""
+    from models import build_model
+    from utils.device import store_weights_for_autocast
+    from utils.evaluation import predict_maps
+    checkpoint = load_checkpoint(trained_run / "checkpoint.pth", note=lambda _: None)
+    cfg = checkpoint["config"]
+    dinov3_cfg = {**cfg, "encoder": "dinov3_vit_tiny_16", "encoder_weights": "random", "crop_size": 112}
+    images = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    for model in (model_from_checkpoint(checkpoint, cfg), build_model(dinov3_cfg)):
+        autocast_maps, autocast_scores = predict_maps(model.eval(), images, cfg, "bf16")
+        stored_maps, stored_scores = predict_maps(store_weights_for_autocast(model, "bf16"), images, cfg, "bf16")
+        assert torch.equal(stored_maps, autocast_maps) and torch.equal(stored_scores, autocast_scores)
+        assert stored_maps.dtype == torch.float32 and model.decoder[0].attn.qkv.weight.dtype == torch.bfloat16
+        fp32_maps, _ = predict_maps(model.float(), images, cfg)
+        assert 0 < (fp32_maps - stored_maps).abs().max() < 0.05  # bf16 really ran, and only rounded
+
+
+def test_predict_in_bf16_ranks_as_fp32_does(trained_run, synthetic_data, tmp_path, capsys):
+    """predict.py --precision bf16 (emulated where the CPU has no bf16 units, so the test runs anywhere):
+    scores within 5% of fp32's (the miniature's maps are 64 channels wide; a ViT-B's move far less, README),
+    the same image AUROC on the test set."""
+    images = synthetic_data / "stripes" / "test"
+    args = ["--checkpoint", trained_run / "checkpoint.pth", "--images", images, "--no_heatmaps"]
+    assert run_in_process(predict, args + ["--out", tmp_path / "fp32"], capsys).returncode == 0
+    result = run_in_process(predict, args + ["--out", tmp_path / "bf16", "--precision", "bf16",
+                                             "--allow_emulated_bf16", "true"], capsys)
+    assert result.returncode == 0, result.stderr
+    fp32 = {r["file"]: float(r["score"]) for r in read_rows(tmp_path / "fp32" / "scores.csv")}
+    bf16 = {r["file"]: float(r["score"]) for r in read_rows(tmp_path / "bf16" / "scores.csv")}
+    assert fp32.keys() == bf16.keys() and len(fp32) == 20
+    relative = [abs(bf16[f] - fp32[f]) / fp32[f] for f in fp32]
+    assert 0 < max(relative) < 0.05
+    labels = [int("/good/" not in f) for f in fp32]
+    auroc = {name: 100 * roc_auc_score(labels, [s[f] for f in fp32]) for name, s in (("fp32", fp32), ("bf16", bf16))}
+    assert abs(auroc["bf16"] - auroc["fp32"]) <= 0.5
+
+
+def test_predict_precision_mistakes_are_one_line(trained_run, synthetic_data, tmp_path, capsys, monkeypatch):
+    from test_usability import assert_one_line_error
+    import utils.device
+    args = ["--checkpoint", trained_run / "checkpoint.pth", "--images", synthetic_data / "stripes" / "test"]
+    assert_one_line_error(run_in_process(predict, args + ["--out", tmp_path / "a", "--precision", "fp16"], capsys),
+                          "precision fp16 needs a CUDA device")
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setattr(utils.device, "cpu_bf16_native", lambda: False)
+    result = run_in_process(predict, args + ["--out", tmp_path / "b", "--precision", "bf16", "--no_heatmaps"], capsys)
+    assert result.returncode == 0 and "this CPU has no native bf16" in result.stdout and "uses fp32" in result.stdout

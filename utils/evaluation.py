@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from datasets import TestSet
 from .anomaly_map import anomaly_maps, image_scores
+from .device import autocast
 from .metrics import (METRIC_NAMES, PIXEL_METRICS, class_metrics, image_metrics, mean_anomaly_detection,
                       ranking_metrics)
 from .modality_metrics import EMPTY, MODALITY_COLUMNS, has_both, modality_row, objects_of
@@ -36,13 +37,17 @@ class ClassOutputs:
 
 
 @torch.no_grad()
-def predict_maps(model: torch.nn.Module, images: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_maps(model: torch.nn.Module, images: torch.Tensor, cfg: dict,
+                 precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps (B x S x S) and image scores (B) of a batch already on the model's device. A model
-    that makes its own maps (ADViT, models/advit.py) gives them through `anomaly_map(images, size)`."""
+    that makes its own maps (ADViT, models/advit.py) gives them through `anomaly_map(images, size)`.
+    With `precision` bf16 or fp16 (predict.py --precision) encoder and decoder run under autocast; the
+    maps, their smoothing and the scores are computed in fp32 from the features either way."""
     if hasattr(model, "anomaly_map"):
         maps = model.anomaly_map(images, cfg["map_size"])[:, None]
     else:
-        en, de = model(images)
+        with autocast(images.device, precision):
+            en, de = model(images)
         maps = anomaly_maps(en, de, images.shape[-1], cfg["map_size"], cfg["map_sigma"])
     return maps[:, 0], image_scores(maps, cfg["max_ratio"])
 

@@ -138,8 +138,6 @@ def start(argv: list[str], default_config: str, description: str
     notes = []
     cfg, args = parse_run_args(argv, default_config, description, notes.append)
     device = init_distributed(resolve_device(cfg["device"]))
-    if cfg["precision"] == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
     cfg["precision"] = effective_precision(cfg, device, notes.append)
     if cfg["batch_size"] % world_size():
         raise ConfigError(f"batch_size {cfg['batch_size']} is the global batch: it must be divisible by the "
