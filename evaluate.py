@@ -5,6 +5,7 @@ throughput and peak memory, and optionally heatmap overlays.
     python evaluate.py --run_dir runs/mvtec_sep_20260101_120000          # every class model of a run
     python evaluate.py --run_dir runs/... --data_path /data/mvtec --save_maps 4 --gt_threshold 0.5
     python evaluate.py --run_dir runs/... --data_path my_parts --masks none     # image labels only
+    python evaluate.py --checkpoint runs/.../checkpoint.pth --precision bf16    # what bf16 scoring moves
 
 The model is rebuilt from the config saved in the checkpoint. Only the evaluation keys below can be
 overridden (data location, device, protocol options), so the architecture always matches the weights.
@@ -23,13 +24,14 @@ from models.registry import check_encoder_weights
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import add_config_flags, collect_overrides, dump, parse_known, validate
 from utils.evaluation import ClassOutputs, EvaluationResult, evaluate, format_markdown, write_tables
-from utils.device import peak_memory_mib, resolve_device
+from utils.device import (add_scoring_precision_flag, effective_precision, peak_memory_mib, resolve_device,
+                          store_weights_for_autocast)
 from utils.run_setup import RunLog, output_folder, run_cli
 from utils.visualize import sample_panel, write_png
 
 EVAL_KEYS = ("data_path", "dataset", "classes", "realiad_split", "realiad_images", "realiad_maskless", "masks",
              "device", "batch_size", "num_workers", "encoder_weights", "weights_dir", "gt_threshold", "max_ratio",
-             "aupro_thresholds", "aupro_fpr_limit")
+             "aupro_thresholds", "aupro_fpr_limit", "allow_emulated_bf16")
 
 
 def find_checkpoints(args: argparse.Namespace) -> tuple[list[Path], Path]:
@@ -62,12 +64,13 @@ def map_saver(out_dir: Path, count: int, cfg: dict):
 
 
 
-def prepare_job(checkpoint: dict, overrides: dict) -> tuple[dict, dict, list[str], dict]:
-    """A checkpoint with its config, classes and test sets, its encoder weights checked."""
+def prepare_job(checkpoint: dict, overrides: dict, precision: str, note) -> tuple[dict, dict, list[str], dict, str]:
+    """A checkpoint with its config, classes, test sets and scoring precision, its encoder weights checked."""
     cfg = validate({**checkpoint["config"], **overrides}, f"config of {checkpoint['path']} + command line")
     check_encoder_weights(cfg["encoder"], cfg["encoder_weights"], cfg["weights_dir"])
     classes = overrides.get("classes") or checkpoint["classes"]
-    return checkpoint, cfg, classes, {name: build_test_set(cfg, name) for name in classes}
+    precision = effective_precision({**cfg, "precision": precision}, resolve_device(cfg["device"]), note)
+    return checkpoint, cfg, classes, {name: build_test_set(cfg, name) for name in classes}, precision
 
 
 def main(argv: list[str]) -> None:
@@ -78,23 +81,28 @@ def main(argv: list[str]) -> None:
     source.add_argument("--run_dir", help="a run directory: its checkpoint.pth or <class>/checkpoint.pth files")
     parser.add_argument("--out", help="output folder (default <run_dir>/eval_<date>_<time>)")
     parser.add_argument("--save_maps", type=int, default=0, metavar="N", help="heatmap PNGs for N images per class")
+    add_scoring_precision_flag(parser)
     add_config_flags(parser, EVAL_KEYS)
     args = parse_known(parser, argv)
     overrides = collect_overrides(args, EVAL_KEYS)
 
     paths, run_dir = find_checkpoints(args)
-    jobs = [prepare_job(load_checkpoint(path), overrides) for path in paths]  # every mistake found before writing
+    notes = []  # every mistake is found before anything is written
+    jobs = [prepare_job(load_checkpoint(path), overrides, args.precision, notes.append) for path in paths]
     out_dir = output_folder(args.out or run_dir / f"eval_{datetime.datetime.now():%Y%m%d_%H%M%S}", "--out")
     out_dir.mkdir(parents=True, exist_ok=False)
     log = RunLog(out_dir)
+    for line in dict.fromkeys(notes):
+        log(line)
     combined = EvaluationResult(rows={}, defects=[], images=0, seconds=0.0)
-    for checkpoint, cfg, classes, test_sets in jobs:
+    for checkpoint, cfg, classes, test_sets, precision in jobs:
         device = resolve_device(cfg["device"])
-        model = model_from_checkpoint(checkpoint, cfg).to(device)
+        model = store_weights_for_autocast(model_from_checkpoint(checkpoint, cfg).to(device), precision)
         (out_dir / "eval_config.yaml").write_text(dump(cfg))
-        log(f"checkpoint {checkpoint['path']} (step {checkpoint['step']}) on {device}: {', '.join(classes)}")
+        log(f"checkpoint {checkpoint['path']} (step {checkpoint['step']}) on {device}, {precision}: "
+            f"{', '.join(classes)}")
         saver = map_saver(out_dir, args.save_maps, cfg) if args.save_maps > 0 else None
-        result = evaluate(model, test_sets, cfg, device, log, on_class=saver)
+        result = evaluate(model, test_sets, cfg, device, log, on_class=saver, precision=precision)
         combined.rows.update(result.rows)
         combined.defects += result.defects
         combined.images += result.images

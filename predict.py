@@ -29,7 +29,7 @@ from predict_onnx import (NORMALIZE_HELP, UserError, find_images, output_name, p
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import add_config_flags, collect_overrides, parse_known, validate
 from utils.evaluation import normalization_scales, predict_maps
-from utils.device import effective_precision, resolve_device, store_weights_for_autocast
+from utils.device import add_scoring_precision_flag, effective_precision, resolve_device, store_weights_for_autocast
 from utils.run_setup import output_folder, run_cli
 from utils.visualize import save_panel, to_display_image
 
@@ -82,10 +82,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--class_name", help="which class's stored threshold and colour scale to use")
     parser.add_argument("--no_heatmaps", action="store_true", help="write only scores.csv")
     parser.add_argument("--normalize", action="store_true", help=NORMALIZE_HELP)
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="fp32 (default) computes what evaluate.py computes; bf16 (a GPU, or a CPU with native "
-                             "bf16; elsewhere it falls back to fp32 with a note) or fp16 (CUDA) run encoder and "
-                             "decoder under autocast, which moves maps and scores slightly")
+    add_scoring_precision_flag(parser)
     add_config_flags(parser, PREDICT_KEYS)
     args = parse_known(parser, argv)
 

@@ -37,6 +37,14 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=compute_dtype(precision), enabled=precision != "fp32")
 
 
+def add_scoring_precision_flag(parser) -> None:
+    """predict.py's and evaluate.py's --precision: how this scoring runs, whatever precision trained the model."""
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="fp32 (default) computes what training's evaluation computed; bf16 (a GPU, or a CPU with "
+                             "native bf16; elsewhere fp32 with a note) or fp16 (CUDA) runs encoder and decoder under "
+                             "autocast: faster, and maps and scores move slightly (README, Speed and scale)")
+
+
 def store_weights_for_autocast(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """For scoring only: the weights and biases of every Linear and Conv2d stored once in the autocast
     dtype of `precision`. Autocast casts them at every call (it keeps a cast only for weights that

@@ -59,7 +59,7 @@ def binarise_masks(masks: torch.Tensor, size: int, threshold: float) -> torch.Te
 
 @torch.no_grad()
 def infer_class(model: torch.nn.Module, dataset: TestSet, cfg: dict, device: torch.device,
-                batch_size: Optional[int] = None) -> ClassOutputs:
+                batch_size: Optional[int] = None, precision: str = "fp32") -> ClassOutputs:
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size or cfg["batch_size"], shuffle=False,
                         num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
@@ -67,7 +67,7 @@ def infer_class(model: torch.nn.Module, dataset: TestSet, cfg: dict, device: tor
     maps, scores, labels, masks, seconds = [], [], [], [], 0.0
     for images, gt, label, _ in loader:
         start = time.perf_counter()
-        batch_maps, batch_scores = predict_maps(model, images.to(device, non_blocking=True), cfg)
+        batch_maps, batch_scores = predict_maps(model, images.to(device, non_blocking=True), cfg, precision)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
@@ -160,11 +160,13 @@ class EvaluationResult:
 
 def evaluate(model: torch.nn.Module, test_sets: dict[str, TestSet], cfg: dict, device: torch.device,
              log: Callable[[str], None] = print,
-             on_class: Optional[Callable[[str, TestSet, ClassOutputs], None]] = None) -> EvaluationResult:
-    """Evaluate class by class; only one class's maps are held at a time (`on_class` sees them)."""
+             on_class: Optional[Callable[[str, TestSet, ClassOutputs], None]] = None,
+             precision: str = "fp32") -> EvaluationResult:
+    """Evaluate class by class; only one class's maps are held at a time (`on_class` sees them). Training
+    evaluates in fp32 whatever its own precision; evaluate.py --precision measures what bf16 scoring moves."""
     rows, defects, images, seconds = {}, [], 0, 0.0
     for name, dataset in test_sets.items():
-        outputs = infer_class(model, dataset, cfg, device)
+        outputs = infer_class(model, dataset, cfg, device, precision=precision)
         rows[name] = metrics_row(outputs, cfg, dataset)
         if on_class is not None:
             on_class(name, dataset, outputs)
