@@ -47,9 +47,9 @@ def add_scoring_precision_flag(parser) -> None:
 
 def store_weights_for_autocast(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """For scoring only: the weights and biases of every Linear and Conv2d stored once in the autocast
-    dtype of `precision`. Autocast casts them at every call (it keeps a cast only for weights that
-    train), which at batch 1 is a quarter of a bf16 forward pass on a CPU; the stored cast is the same
-    rounding, so the maps are bit-identical to plain autocast's (tests/test_evaluate_predict.py)."""
+    dtype of `precision`, instead of autocast copying them at every call (it keeps a cast only of weights
+    that train). The stored cast is the same rounding, so the maps are bit-identical to plain autocast's
+    (tests/test_evaluate_predict.py); the model then runs only under autocast of that dtype."""
     if precision != "fp32":
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
