@@ -151,6 +151,109 @@ def test_a_graph_that_disagrees_is_not_written(trained_run, tiny_weights, tmp_pa
     assert not out.exists() and not list(tmp_path.glob("*.part"))
 
 
+@pytest.fixture(scope="module")
+def exported_int8(trained_run, tiny_weights, tmp_path_factory) -> tuple[Path, str]:
+    """The tiny run exported with --precision int8, and what the exporter printed."""
+    out = tmp_path_factory.mktemp("onnx_int8") / "tiny_int8.onnx"
+    result = run_script("export.py", ["--checkpoint", trained_run / "checkpoint.pth", "--out", out, "--encoder_weights",
+                                      tiny_weights, "--precision", "int8"])
+    return out, result.stdout
+
+
+def open_as_exported(path: Path):
+    """A session at the graph optimisation level the model's metadata names (basic when it names none)."""
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                               meta.get("dinomaly.graph_optimization_level", "ORT_ENABLE_BASIC"))
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def labelled_test_set(cfg: dict, name: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """All test images of a class in [0, 1], their labels and their masks at map size, as evaluation reads them."""
+    from datasets import TestSet, build_test_set
+    from utils.evaluation import binarise_masks
+    test_set = TestSet(build_test_set(cfg, name).samples, cfg["image_size"], cfg["crop_size"], (0.0,) * 3, (1.0,) * 3)
+    items = [test_set[i] for i in range(len(test_set))]
+    masks = binarise_masks(torch.stack([item[1] for item in items]), cfg["map_size"], cfg["gt_threshold"])
+    return torch.stack([item[0] for item in items]).numpy(), torch.tensor([item[2] for item in items]), masks
+
+
+def test_the_int8_export_ranks_and_scores_as_fp32(exported_int8, exported, trained_run, synthetic_data):
+    """On the whole synthetic test set, image by image: fp32's order of every pair of images more than 1% of the
+    score range apart, and I-AUROC and P-AUROC per class within 0.5 points of fp32's."""
+    from utils.metrics import ranking_metrics
+    path, printed = exported_int8
+    assert "parity on 4 test images" in printed and "wrote" in printed
+    assert "int8 against fp32 on 32 test images" in printed and "ranking kept" in printed and "P-AUROC" in printed
+    model = onnx.load(str(path))
+    assert "MatMulInteger" in {node.op_type for node in model.graph.node}
+    assert sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer) >= 10
+    assert path.stat().st_size < exported.stat().st_size / 2
+    meta = {p.key: p.value for p in model.metadata_props}
+    fp32_meta = {p.key: p.value for p in onnx.load(str(exported), load_external_data=False).metadata_props}
+    assert meta["dinomaly.precision"] == "int8"
+    assert meta["dinomaly.graph_optimization_level"] == export.INT8_OPTIMIZATION
+    assert meta["dinomaly.normalization"] == fp32_meta["dinomaly.normalization"]
+
+    cfg = load_checkpoint(trained_run / "checkpoint.pth", note=lambda _: None)["config"]
+    fp32, int8 = open_as_exported(exported), open_as_exported(path)
+    for name in ("checker", "stripes"):
+        images, labels, masks = labelled_test_set(cfg, name)
+        (fp32_maps, fp32_scores), (int8_maps, int8_scores) = (
+            [np.concatenate(parts) for parts in zip(*(session.run(None, {"images": images[i:i + 1]})
+                                                      for i in range(len(images))))] for session in (fp32, int8))
+        resolution = 0.01 * (fp32_scores.max() - fp32_scores.min())
+        swapped = [(i, j) for i in range(len(images)) for j in range(len(images))
+                   if fp32_scores[i] > fp32_scores[j] + resolution and int8_scores[i] <= int8_scores[j]]
+        assert not swapped
+        for truth, (ours, reference) in ((labels, (int8_scores, fp32_scores)), (masks, (int8_maps, fp32_maps))):
+            assert abs(ranking_metrics(torch.from_numpy(ours), truth)["auroc"]
+                       - ranking_metrics(torch.from_numpy(reference), truth)["auroc"]) <= 0.005
+
+
+def test_a_damaged_int8_model_is_not_written(trained_run, tiny_weights, tmp_path, monkeypatch, capsys):
+    from conftest import run_in_process
+    from test_usability import assert_one_line_error
+    original = export.quantize
+
+    def quantize_and_damage(fp32, int8):
+        original(fp32, int8)
+        model = onnx.load(str(int8))
+        rng = np.random.default_rng(0)
+        for tensor in model.graph.initializer:
+            if tensor.data_type == onnx.TensorProto.INT8:
+                noise = rng.integers(-127, 128, tuple(tensor.dims), dtype=np.int8)
+                tensor.CopyFrom(onnx.numpy_helper.from_array(noise, tensor.name))
+        onnx.save(model, str(int8))
+    monkeypatch.setattr(export, "quantize", quantize_and_damage)
+    out = tmp_path / "bad_int8.onnx"
+    result = run_in_process(export, ["--checkpoint", trained_run, "--out", out, "--encoder_weights", tiny_weights,
+                                     "--precision", "int8"], capsys)
+    assert_one_line_error(result, "disagrees with fp32")
+    assert "int8 against fp32 on 32 test images" in result.stdout and "ranking changed" in result.stdout
+    assert f"{out} not written" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_the_torch_free_scorer_runs_the_int8_model(exported_int8, synthetic_data, tmp_path):
+    """Opened at the level the metadata names, image by image, with --normalize on the fp32 run's scale."""
+    path, _ = exported_int8
+    model = predict_onnx.ExportedModel(path)
+    level = model.session.get_session_options().graph_optimization_level
+    assert level == getattr(ort.GraphOptimizationLevel, export.INT8_OPTIMIZATION)
+    images = synthetic_data / "stripes" / "test"
+    result = run_without_torch("predict_onnx.py", ["--model", path, "--images", images, "--out", tmp_path / "int8",
+                                                   "--normalize", "--class_name", "stripes", "--no_heatmaps"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    raw, shown = scores_of(tmp_path / "int8", "raw_score"), scores_of(tmp_path / "int8")
+    session = open_as_exported(path)
+    for file, score in raw.items():
+        crop = predict_onnx.preprocess(predict_onnx.read_rgb(Path(file)), model.image_size, model.crop_size)[None]
+        assert abs(score - float(session.run(None, {"images": crop})[1][0])) <= 1e-6
+    assert len(raw) == 20 and 0 <= min(shown.values()) < 0.5 < max(shown.values()) <= 1
+
+
 def test_every_class_of_a_separated_run(synthetic_data, tiny_weights, tmp_path):
     run_script("train_sep.py", tiny_run_args(synthetic_data, tiny_weights, tmp_path, total_iters=4, warmup_iters=1))
     run = tmp_path / "run"
@@ -197,6 +300,7 @@ def test_mistakes_on_the_export_and_scoring_paths_are_one_line(exported, trained
             (["--checkpoint", trained_run, "--out", tmp_path / "model.txt"], "ending in .onnx"),
             (["--checkpoint", tmp_path / "nothing", "--out", tmp_path / "m.onnx"], str(tmp_path / "nothing")),
             (["--checkpoint", trained_run, "--out", taken / "m.onnx"], f"{taken} is a file"),
+            (["--checkpoint", trained_run, "--out", tmp_path / "m.onnx", "--precision", "int4"], "--precision int4"),
             (["--checkpoint", trained_run, "--out", tmp_path / "m.onnx", "--encoder_weights", not_onnx], str(not_onnx))):
         assert_one_line_error(run_in_process(export, args, capsys), culprit)
     assert not (tmp_path / "m.onnx").exists()
