@@ -39,11 +39,9 @@ int8 scores differ from fp32's by 0.1-0.3% typically (up to 1.8% measured with r
 an image scoring that close to a threshold may change side.
 """
 import argparse
-import copy
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -61,6 +59,7 @@ from utils.config import ConfigError, add_config_flags, collect_overrides, dump,
 from utils.evaluation import binarise_masks, normalization_scales, predict_maps
 from utils.metrics import ranking_metrics
 from utils.modality_metrics import has_both
+from utils.quantization import SMOOTHING, quantize, smoothed
 from utils.run_setup import output_folder, run_cli
 
 EXPORT_KEYS = ("encoder_weights", "weights_dir")
@@ -70,7 +69,6 @@ OPSET = 18
 PRECISIONS = ("fp32", "int8")
 INT8_PARITY_IMAGES = 32     # the int8 check's images: enough pairs for a ranking to mean something
 INT8_OPTIMIZATION = "ORT_ENABLE_EXTENDED"  # fuses each DynamicQuantizeLinear into its MatMulInteger
-SMOOTHING = 0.75            # SmoothQuant's alpha: the share of a channel's activation peak moved into the weights
 RANK_RESOLUTION = 0.01      # fp32 scores closer than this share of their range are ties int8 may order either way
 AUROC_TOLERANCE = 0.005     # int8's I-AUROC and P-AUROC within 0.5 points of fp32's
 CHUNK = 8                   # images per PyTorch pass of the int8 path: bounded memory at 392 px
@@ -219,71 +217,6 @@ def labelled_test_images(cfg: dict, classes: list[str]) -> ParitySet:
                      torch.tensor([item[2] for item in items]), masks if cfg["masks"] == "required" else None)
 
 
-def smoothable_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, nn.Linear]]:
-    """Each pre-norm block's (norm1, attn.qkv) and (norm2, mlp.fc1) where they are an affine LayerNorm and a
-    Linear: the blocks of the encoders and of the decoder, whose LayerNorm output feeds that Linear alone."""
-    pairs = []
-    for block in model.modules():
-        for norm, branch, linear in (("norm1", "attn", "qkv"), ("norm2", "mlp", "fc1")):
-            first, second = getattr(block, norm, None), getattr(getattr(block, branch, None), linear, None)
-            if isinstance(first, nn.LayerNorm) and first.elementwise_affine and isinstance(second, nn.Linear):
-                pairs.append((first, second))
-    return pairs
-
-
-def input_peaks(graph: ScoringGraph, linears: list[nn.Linear], images: torch.Tensor) -> dict[nn.Linear, torch.Tensor]:
-    """max |input| per input channel of each of `linears` that `graph` calls as a module on `images`."""
-    peaks = {}
-
-    def record(linear, inputs, _):
-        peak = inputs[0].abs().flatten(0, -2).amax(0)
-        peaks[linear] = torch.maximum(peaks[linear], peak) if linear in peaks else peak
-    hooks = [linear.register_forward_hook(record) for linear in linears]
-    for start in range(0, len(images), CHUNK):
-        graph(images[start:start + CHUNK])
-    for hook in hooks:
-        hook.remove()
-    return peaks
-
-
-def smoothed(graph: ScoringGraph, images: torch.Tensor) -> ScoringGraph:
-    """A copy of `graph` with the activation outliers of its LayerNorm -> Linear pairs moved into the weights,
-    as SmoothQuant does (Xiao et al. 2023): per input channel, s = peak|x| ** SMOOTHING / peak|w| ** (1 -
-    SMOOTHING) on `images`; the LayerNorm's weight and bias are divided by s, the Linear's weight columns
-    multiplied by it. The same function in real arithmetic (the fp32 parity check proves it to its tolerance),
-    but dynamic quantization gives all channels of an activation one uint8 scale, and real DINOv2 LayerNorm
-    outputs carry channels 5-30x the median: smoothing halves the largest int8 errors (ViT-S/14, README). A Linear
-    the forward pass does not call as a module (BEiT's qkv) is left as it is."""
-    copied = copy.deepcopy(graph)
-    pairs = smoothable_pairs(copied.model)
-    peaks = input_peaks(copied, [linear for _, linear in pairs], images)
-    for norm, linear in pairs:
-        if linear not in peaks:
-            continue
-        weight_peaks = linear.weight.abs().amax(0).clamp(min=1e-5)
-        scale = peaks[linear].clamp(min=1e-5) ** SMOOTHING / weight_peaks ** (1 - SMOOTHING)
-        norm.weight.div_(scale)
-        if norm.bias is not None:
-            norm.bias.div_(scale)
-        linear.weight.mul_(scale)
-    return copied
-
-
-def quantize(fp32: Path, int8: Path) -> None:
-    """Dynamic int8 quantization (onnxruntime.quantization) of every MatMul with a constant weight, the linear
-    layers of encoder, bottleneck and decoder: weights int8 per output channel in the file, activations uint8
-    per tensor at run time (DynamicQuantizeLinear), int32 accumulation (MatMulInteger, VNNI where the CPU has
-    it). The patch embedding (a Conv) and attention's products of two activations stay fp32. quant_pre_process
-    first folds the exporter's weight transposes into the initializers (ORT's basic optimisations): without
-    that no MatMul has a constant weight to quantize."""
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-    with tempfile.TemporaryDirectory() as folder:
-        folded = Path(folder) / "folded.onnx"
-        quant_pre_process(str(fp32), str(folded), skip_symbolic_shape=True)
-        quantize_dynamic(str(folded), str(int8), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8)
-
-
 def torch_outputs(graph: ScoringGraph, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Maps and scores of the fp32 PyTorch graph: the int8 check's reference."""
     maps, scores = zip(*(graph(images[start:start + CHUNK]) for start in range(0, len(images), CHUNK)))
@@ -374,7 +307,7 @@ def export_one(checkpoint: dict, cfg: dict, out: Path, images: Optional[str], pr
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, tmp_int8 = out.with_name(out.name + ".part"), out.with_name(out.name + ".int8.part")
     try:
-        export_graph(graph if parity is None else smoothed(graph, parity.images), cfg["crop_size"], tmp)
+        export_graph(graph if parity is None else smoothed(graph, parity.images, CHUNK), cfg["crop_size"], tmp)
         write_metadata(tmp, metadata(checkpoint, cfg))
         map_diff, score_diff = check_parity(tmp, graph, batch)
         print(f"parity on {PARITY_IMAGES} {source}, batch 1 and 3: max |map diff| {map_diff:.2e} "
