@@ -42,7 +42,7 @@ def add_scoring_precision_flag(parser) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="fp32 (default) computes what training's evaluation computed; bf16 (a GPU, or a CPU with "
                              "native bf16; elsewhere fp32 with a note) or fp16 (CUDA) runs encoder and decoder under "
-                             "autocast: faster, and maps and scores move slightly (README, Speed and scale)")
+                             "autocast: faster, and maps and scores move slightly (README: Scoring in bf16)")
 
 
 def store_weights_for_autocast(model: torch.nn.Module, precision: str) -> torch.nn.Module:
