@@ -53,7 +53,7 @@ from datasets import TestSet, build_test_set, load_image, sample_reader
 from datasets.transforms import resize_and_crop
 from models import input_normalization
 from models.registry import check_encoder_weights
-from predict_onnx import find_images
+from predict_onnx import BASIC, find_images, open_session
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, add_config_flags, collect_overrides, dump, parse_known, validate
 from utils.evaluation import binarise_masks, normalization_scales, predict_maps
@@ -91,14 +91,12 @@ def onnx_packages():
     return onnx, onnxruntime
 
 
-def ort_session(path: Path, provider: str, level: str = "ORT_ENABLE_BASIC"):
-    """An ONNX Runtime session as predict_onnx.py opens one: an fp32 model with basic graph optimisations
+def ort_session(path: Path, provider: str, level: str = BASIC):
+    """The session predict_onnx.py opens (its open_session): an fp32 model with basic graph optimisations
     only (ORT's fusions, ORT_ENABLE_ALL, add float32 error of their own, up to 1.5x more on low scores of the
     tested models), an int8 one at the level its metadata names (INT8_OPTIMIZATION)."""
     _, ort = onnx_packages()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    return ort.InferenceSession(str(path), options, providers=[provider])
+    return open_session(ort, path, level, [provider])
 
 
 class ScoringGraph(nn.Module):

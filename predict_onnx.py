@@ -185,7 +185,6 @@ class ExportedModel:
         return np.concatenate(maps), np.concatenate(scores)
 
 
-
 def pick_class(class_name: Optional[str], stored: dict, flag: str) -> str:
     """`class_name`, or the only class `stored` has; else a UserError naming `flag` and the classes."""
     if class_name is None and len(stored) == 1:
