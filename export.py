@@ -59,7 +59,7 @@ from utils.config import ConfigError, add_config_flags, collect_overrides, dump,
 from utils.evaluation import binarise_masks, normalization_scales, predict_maps
 from utils.metrics import ranking_metrics
 from utils.modality_metrics import has_both
-from utils.quantization import SMOOTHING, quantize, smoothed
+from utils.quantization import SMOOTHING, input_peaks, quantize, smoothed
 from utils.run_setup import output_folder, run_cli
 
 EXPORT_KEYS = ("encoder_weights", "weights_dir")
@@ -71,7 +71,7 @@ INT8_PARITY_IMAGES = 32     # the int8 check's images: enough pairs for a rankin
 INT8_OPTIMIZATION = "ORT_ENABLE_EXTENDED"  # fuses each DynamicQuantizeLinear into its MatMulInteger
 RANK_RESOLUTION = 0.01      # fp32 scores closer than this share of their range are ties int8 may order either way
 AUROC_TOLERANCE = 0.005     # int8's I-AUROC and P-AUROC within 0.5 points of fp32's
-CHUNK = 8                   # images per PyTorch pass of the int8 path: bounded memory at 392 px
+CHUNK = 8                   # images per PyTorch pass of the int8 check: bounded memory at 392 px
 
 
 class ExportError(RuntimeError):
@@ -305,7 +305,10 @@ def export_one(checkpoint: dict, cfg: dict, out: Path, images: Optional[str], pr
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, tmp_int8 = out.with_name(out.name + ".part"), out.with_name(out.name + ".int8.part")
     try:
-        export_graph(graph if parity is None else smoothed(graph, parity.images, CHUNK), cfg["crop_size"], tmp)
+        if parity is not None:
+            with input_peaks(graph) as peaks:  # SmoothQuant's calibration, on the pass of the fp32 reference
+                reference = torch_outputs(graph, parity.images)
+        export_graph(graph if parity is None else smoothed(graph, peaks), cfg["crop_size"], tmp)
         write_metadata(tmp, metadata(checkpoint, cfg))
         map_diff, score_diff = check_parity(tmp, graph, batch)
         print(f"parity on {PARITY_IMAGES} {source}, batch 1 and 3: max |map diff| {map_diff:.2e} "
@@ -315,7 +318,7 @@ def export_one(checkpoint: dict, cfg: dict, out: Path, images: Optional[str], pr
                               f"scores {score_diff:.2e} relative): {out} not written")
         if parity is not None:
             quantize(tmp, tmp_int8)
-            report = check_int8(tmp_int8, torch_outputs(graph, parity.images), parity, checkpoint["path"], out)
+            report = check_int8(tmp_int8, reference, parity, checkpoint["path"], out)
             write_metadata(tmp_int8, {**metadata(checkpoint, cfg), **int8_metadata(report)})
         os.replace(tmp if parity is None else tmp_int8, out)
     finally:

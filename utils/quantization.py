@@ -2,6 +2,7 @@
 in PyTorch, then dynamic quantization of the exported graph. export.py checks the result against fp32."""
 import copy
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,38 +23,40 @@ def smoothable_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, nn.Linear]]:
     return pairs
 
 
-def input_peaks(graph: nn.Module, linears: list[nn.Linear], images: torch.Tensor,
-                chunk: int) -> dict[nn.Linear, torch.Tensor]:
-    """max |input| per input channel of each of `linears` that `graph` calls as a module on `images`."""
+@contextmanager
+def input_peaks(model: nn.Module):
+    """While open, records max |input| per input channel of the Linear of each of `model`'s smoothable pairs
+    that the forward passes run call as a module, by the Linear's qualified name. Open it around the passes
+    that compute the fp32 reference, so the calibration costs no pass of its own."""
     peaks = {}
+    names = {linear: name for name, linear in model.named_modules()}
 
     def record(linear, inputs, _):
-        peak = inputs[0].abs().flatten(0, -2).amax(0)
-        peaks[linear] = torch.maximum(peaks[linear], peak) if linear in peaks else peak
-    hooks = [linear.register_forward_hook(record) for linear in linears]
-    for start in range(0, len(images), chunk):
-        graph(images[start:start + chunk])
-    for hook in hooks:
-        hook.remove()
-    return peaks
+        peak, name = inputs[0].abs().flatten(0, -2).amax(0), names[linear]
+        peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+    hooks = [linear.register_forward_hook(record) for _, linear in smoothable_pairs(model)]
+    try:
+        yield peaks
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
-def smoothed(graph: nn.Module, images: torch.Tensor, chunk: int) -> nn.Module:
-    """A copy of `graph` with the activation outliers of its LayerNorm -> Linear pairs moved into the weights,
+def smoothed(model: nn.Module, peaks: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `model` with the activation outliers of its LayerNorm -> Linear pairs moved into the weights,
     as SmoothQuant does (Xiao et al. 2023): per input channel, s = peak|x| ** SMOOTHING / peak|w| ** (1 -
-    SMOOTHING) on `images`; the LayerNorm's weight and bias are divided by s, the Linear's weight columns
-    multiplied by it. The same function in real arithmetic (the fp32 parity check proves it to its tolerance),
-    but dynamic quantization gives all channels of an activation one uint8 scale, and real DINOv2 LayerNorm
-    outputs carry channels 5-30x the median: smoothing halves the largest int8 errors (ViT-S/14, README). A Linear
-    the forward pass does not call as a module (BEiT's qkv) is left as it is."""
-    copied = copy.deepcopy(graph)
-    pairs = smoothable_pairs(copied.model)
-    peaks = input_peaks(copied, [linear for _, linear in pairs], images, chunk)
-    for norm, linear in pairs:
-        if linear not in peaks:
+    SMOOTHING) with the input peaks `input_peaks` recorded; the LayerNorm's weight and bias are divided by s,
+    the Linear's weight columns multiplied by it. The same function in real arithmetic (the fp32 parity check
+    proves it to its tolerance), but dynamic quantization gives all channels of an activation one uint8 scale,
+    and real DINOv2 LayerNorm outputs carry channels 5-30x the median: smoothing halves the largest int8 errors
+    (ViT-S/14, README). A Linear the forward pass does not call as a module (BEiT's qkv) is left as it is."""
+    copied = copy.deepcopy(model)
+    names = {linear: name for name, linear in copied.named_modules()}
+    for norm, linear in smoothable_pairs(copied):
+        if names[linear] not in peaks:
             continue
         weight_peaks = linear.weight.abs().amax(0).clamp(min=1e-5)
-        scale = peaks[linear].clamp(min=1e-5) ** SMOOTHING / weight_peaks ** (1 - SMOOTHING)
+        scale = peaks[names[linear]].clamp(min=1e-5) ** SMOOTHING / weight_peaks ** (1 - SMOOTHING)
         norm.weight.div_(scale)
         if norm.bias is not None:
             norm.bias.div_(scale)
